@@ -1,0 +1,36 @@
+# memefx: `make run` trains the default experiment on synthetic memes; `make test` runs the tests.
+# Both create .venv when missing and install the project into it first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch/torchvision: the CUDA build (runs on the CPU too) that pip takes from local files on these machines.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+RUN_DIR ?= runs/synthetic_visualbert
+
+.PHONY: install run test test-slow lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install -e '.[wandb,minilm,dev]'
+	$(BIN)/python scripts/check_install.py
+	touch $(STAMP)
+
+run: $(STAMP)
+	rm -rf $(RUN_DIR)
+	$(BIN)/memefx fit --config configs/experiment/synthetic_visualbert.yaml --trainer.default_root_dir $(RUN_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

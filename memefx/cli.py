@@ -1,0 +1,155 @@
+"""The ``memefx`` command: LightningCLI subcommands (fit/validate/test/predict) plus data tools.
+
+``main(argv)`` is importable so tests run every command in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from memefx.data.datamodule import MemeDataModule
+from memefx.models.module import MemeClassifier
+
+TOOLS = ("synth", "strata")
+REPORTED = ("auroc", "acc", "loss", "miate_shared_image", "miate_shared_text")
+
+
+class RunDirConfig(SaveConfigCallback):
+    """Save the resolved config as ``<run dir>/config.yaml`` (``config_<stage>.yaml`` for other stages).
+
+    The run directory is ``trainer.default_root_dir``, whatever the loggers do. A fit overwrites the
+    config of an earlier fit in the same folder: resuming with ``--ckpt_path`` is the usual reason.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.update(save_to_log_dir=False)
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        name = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
+        self.parser.save(self.config, run_dir / name, skip_none=False, overwrite=True, multifile=False)
+
+
+class MemeCLI(LightningCLI):
+    """LightningCLI with run-directory conventions: loggers write there, metrics.json summarizes."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="after fit, evaluate the best checkpoint on the test split")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        run_dir = trainer.get("default_root_dir") or "."
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init = getattr(logger, "init_args", None)
+            if init is not None and init.get("save_dir") in (None, "."):
+                init["save_dir"] = run_dir  # "." in a logger fragment means the run directory
+
+    def after_fit(self) -> None:
+        self._summarize()
+        if self.config["fit"].get("test_after_fit") and not self.trainer.fast_dev_run:
+            ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
+            # validate the same checkpoint, so predictions/<val split> and miate/ match the test numbers
+            self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+            self._summarize()
+
+    def after_validate(self) -> None:
+        self._summarize()
+
+    def after_test(self) -> None:
+        self._summarize()
+
+    def _summarize(self) -> None:
+        """Print and save (``metrics.json``) the last value of each reported metric."""
+        if not self.trainer.is_global_zero:
+            return
+        run_dir = Path(self.trainer.default_root_dir)
+        path = run_dir / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        for key, value in self.trainer.callback_metrics.items():
+            if key.split("/")[-1] in REPORTED:
+                metrics[key] = float(value)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if not math.isnan(v))
+        print(f"memefx [{run_dir}] {shown}", flush=True)
+
+
+def _synth(argv: list[str]) -> int:
+    from memefx.data.strata import summarize
+    from memefx.data.synthetic import SyntheticConfig, write_synthetic
+    from memefx.data.tables import read_confounders
+
+    p = argparse.ArgumentParser(prog="memefx synth", description="Write a synthetic HMC-layout dataset.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-memes", type=int, default=SyntheticConfig.n_memes)
+    p.add_argument("--label-noise", type=float, default=SyntheticConfig.label_noise)
+    p.add_argument("--eval-label-noise", type=float, default=SyntheticConfig.eval_label_noise)
+    p.add_argument("--max-confounders", type=int, default=SyntheticConfig.max_confounders)
+    p.add_argument("--text-shortcut", type=float, default=0.0)
+    p.add_argument("--image-shortcut", type=float, default=0.0)
+    p.add_argument("--image-size", type=int, default=SyntheticConfig.image_size)
+    a = p.parse_args(argv)
+    cfg = SyntheticConfig(
+        n_memes=a.n_memes, seed=a.seed, label_noise=a.label_noise, eval_label_noise=a.eval_label_noise,
+        max_confounders=a.max_confounders, text_shortcut=a.text_shortcut, image_shortcut=a.image_shortcut,
+        image_size=a.image_size,
+    )
+    out = write_synthetic(a.out, cfg)
+    conf = read_confounders(out / "confounders.parquet")
+    counts = conf.groupby("split").label.agg(["size", "sum"]).rename(columns={"size": "memes", "sum": "hateful"})
+    print(json.dumps({"out": str(out), "splits": counts.astype(int).to_dict("index"), "strata": summarize(conf)}, indent=2))
+    return 0
+
+
+def _strata(argv: list[str]) -> int:
+    from memefx.data.strata import summarize
+    from memefx.data.tables import read_confounders
+
+    p = argparse.ArgumentParser(prog="memefx strata", description="Confounder strata per split and kind.")
+    p.add_argument("--confounders", required=True)
+    p.add_argument("--split", default=None)
+    p.add_argument("--json", action="store_true", help="print JSON (default: a readable table)")
+    a = p.parse_args(argv)
+    summary = summarize(read_confounders(a.confounders), a.split)
+    if a.split is not None and not summary:
+        print(f"memefx strata: no confounder groups in split {a.split!r}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{'split':<12} {'kind':<13} {'rows':>6} {'groups':>7} {'strata':>7} {'pairs':>6}  sizes")
+    for split, kinds in summary.items():
+        for kind, s in kinds.items():
+            print(f"{split:<12} {kind:<13} {s['member_rows']:>6} {s['groups']:>7} {s['strata']:>7} "
+                  f"{s['two_member_strata']:>6}  {s['size_histogram']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``memefx`` console script."""
+    given = argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        return {"synth": _synth, "strata": _strata}[argv[0]](argv[1:])
+    MemeCLI(
+        MemeClassifier, MemeDataModule, args=given, save_config_callback=RunDirConfig,
+        parser_kwargs={"parser_mode": "omegaconf"}, seed_everything_default=0,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Tokenization with a per-token segment tensor, and the batch collator.
+
+Segments say which modality each position carries, which is what MIDAS splits attention by:
+``SPECIAL`` ([CLS], [SEP], ...), ``TEXT``, ``IMAGE`` (region/patch tokens or description tokens) and
+``PAD``. They come from the fast tokenizer's own ``sequence_ids`` (no string matching, no off-by-one on
+[SEP]).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL, TEXT, IMAGE, PAD = 0, 1, 2, 3
+SEGMENT_NAMES = {SPECIAL: "special", TEXT: "text", IMAGE: "image", PAD: "pad"}
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """Build a lower-casing BERT-style WordPiece tokenizer from ``texts``, offline and deterministic.
+
+    The vocabulary is every character (word-initial and ``##`` continuation) plus the most frequent
+    whole words, ties broken alphabetically, so the same texts give the same ids on every run (the
+    ``tokenizers`` WordPiece trainer breaks ties differently from run to run, which would break
+    checkpoints and resume). Unknown words fall back to characters.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} is below the {len(vocab)} special and character tokens")
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    vocab += words[: vocab_size - len(vocab)]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece()
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
+    """Load a fast tokenizer from a local folder (or the local HF cache); never downloads."""
+    tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, use_fast=True)
+    if not tok.is_fast:
+        raise ValueError(f"tokenizer {name_or_path!r} is not a fast tokenizer; segments need sequence_ids")
+    return tok
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    pairs: list[str] | None = None,
+    max_length: int = 48,
+) -> dict[str, torch.Tensor]:
+    """Tokenize texts (and optional second segments) into ids, masks and a segment tensor.
+
+    With ``pairs``, the second sequence is the image side (an image description), so its tokens get the
+    ``IMAGE`` segment; both sides are truncated longest-first to ``max_length``.
+    """
+    enc = tokenizer(
+        texts, pairs, padding=True, truncation="longest_first" if pairs else True, max_length=max_length,
+        return_tensors="pt", return_token_type_ids=True,
+    )
+    segments = torch.full_like(enc["input_ids"], SPECIAL)
+    for b in range(len(texts)):
+        for pos, seq in enumerate(enc.sequence_ids(b)):
+            if seq is not None:
+                segments[b, pos] = TEXT if seq == 0 else IMAGE
+    segments[enc["attention_mask"] == 0] = PAD
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "token_type_ids": enc["token_type_ids"],
+        "segments": segments,
+    }
+
+
+class MemeCollator:
+    """Turn a list of dataset items into a batch: ids, tokens, segments, image input, labels, strata.
+
+    The image side is either ``pixel_values`` (pixels mode) or description tokens in the text pair
+    (caption mode). Stratum ids are -1 where a meme belongs to no stratum of that kind.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_length: int = 48, caption_mode: bool = False):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.caption_mode = caption_mode
+
+    def __call__(self, items: list[dict]) -> dict:
+        texts = [it["text"] for it in items]
+        pairs = [it["description"] for it in items] if self.caption_mode else None
+        batch = encode(self.tokenizer, texts, pairs, self.max_length)
+        batch["ids"] = [it["id"] for it in items]
+        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        batch["stratum_image"] = torch.tensor([it["stratum_image"] for it in items], dtype=torch.long)
+        batch["stratum_text"] = torch.tensor([it["stratum_text"] for it in items], dtype=torch.long)
+        if not self.caption_mode:
+            batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+        if "tags" in items[0]:
+            batch["tags"] = [it["tags"] for it in items]
+        return batch

@@ -1,0 +1,223 @@
+"""MemeDataModule: HMC folders, table-only data (descriptions, no images) or the synthetic default."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from memefx.data.collate import MemeCollator, load_tokenizer, train_wordpiece
+from memefx.data.hmc import HMCFormatError, load_image, read_hmc
+from memefx.data.strata import KINDS, stratum_lookup
+from memefx.data.synthetic import SyntheticConfig, write_synthetic
+from memefx.data.tables import check_confounders_cover, descriptions_for, read_captions, read_confounders
+
+
+def default_cache_dir() -> Path:
+    """Where the synthetic default is written: ``$MEMEFX_CACHE`` or ``~/.cache/memefx``."""
+    return Path(os.environ.get("MEMEFX_CACHE", Path.home() / ".cache" / "memefx"))
+
+
+class MemeDataset(Dataset):
+    """Items of one split; images are decoded lazily (they were validated at setup)."""
+
+    def __init__(self, frame: pd.DataFrame, root: Path | None, transform, descriptions: list[str] | None):
+        self.frame = frame.reset_index(drop=True)
+        self.root = root
+        self.transform = transform
+        self.descriptions = descriptions
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.frame.iloc[index]
+        item = {
+            "id": row.id, "text": row.text, "label": int(row.label),
+            "stratum_image": int(row.stratum_image), "stratum_text": int(row.stratum_text),
+        }
+        if "tags" in self.frame.columns:
+            item["tags"] = row.tags
+        if self.descriptions is not None:
+            item["description"] = self.descriptions[index]
+        else:
+            item["pixel_values"] = self.transform(load_image(self.root / row.img))
+        return item
+
+
+class MemeDataModule(L.LightningDataModule):
+    """Splits, tokenizer, image transform and collate for every backbone family.
+
+    Args:
+        root: HMC-layout folder. ``None`` with no ``confounders`` table: the synthetic default, written
+            once to the cache from ``synthetic`` settings. ``None`` with ``confounders`` and ``captions``:
+            table-only data (meme text from ``text_column``, image side from ``caption_column``).
+        confounders: confounder table (default ``<root>/confounders.parquet`` when present).
+        captions: caption table (default ``<root>/hm_captions.parquet`` when present).
+        image_side: ``pixels`` (images through the image transform) or ``caption`` (the description as
+            the second segment of a text pair).
+        caption_column: description variant used in caption mode.
+        text_column: caption-table column used as meme text in table-only mode.
+        tokenizer: local path of a fast tokenizer; ``None`` trains a WordPiece on the train texts.
+        vocab_size: vocabulary of the trained tokenizer (must fit the backbone's embedding table).
+        max_length: token budget of the text side (text plus description in caption mode).
+        image_size: side of the square image given to the image encoder.
+        pairs_only: stratum ids only for two-member strata (the reference code's restriction).
+        tags_file: parquet with ``id, tags`` (space-separated object tags) for OSCAR-style backbones.
+        synthetic: ``SyntheticConfig`` fields for the default dataset.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        confounders: str | None = None,
+        captions: str | None = None,
+        train_split: str = "train",
+        val_split: str = "dev_seen",
+        test_split: str = "test_seen",
+        predict_split: str = "test_seen",
+        image_side: Literal["pixels", "caption"] = "pixels",
+        caption_column: str = "text_captioned",
+        text_column: str = "text",
+        tokenizer: str | None = None,
+        vocab_size: int = 4096,
+        max_length: int = 48,
+        image_size: int = 64,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        check_images: bool = True,
+        pairs_only: bool = False,
+        tags_file: str | None = None,
+        synthetic: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tables_only = root is None and confounders is not None
+        if self.tables_only and (captions is None or image_side != "caption"):
+            raise ValueError("table-only data (no root) needs captions=... and image_side='caption'")
+        self.synthetic_config = SyntheticConfig(**(synthetic or {})) if root is None and not self.tables_only else None
+        self.frames: dict[str, pd.DataFrame] = {}
+        self.datasets: dict[str, MemeDataset] = {}
+        self.tokenizer = None
+        self.transform = v2.Compose([
+            v2.ToImage(), v2.Resize((image_size, image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3),
+        ])
+
+    # ----------------------------------------------------------------------------------------- paths
+    @property
+    def root(self) -> Path | None:
+        if self.synthetic_config is not None:
+            return default_cache_dir() / "synthetic" / self.synthetic_config.fingerprint()
+        return Path(self.hparams.root) if self.hparams.root else None
+
+    def _table(self, given: str | None, name: str) -> Path | None:
+        if given:
+            return Path(given)
+        if self.root is not None and (self.root / name).is_file():
+            return self.root / name
+        return None
+
+    @property
+    def split_names(self) -> dict[str, str]:
+        h = self.hparams
+        return {"train": h.train_split, "val": h.val_split, "test": h.test_split, "predict": h.predict_split}
+
+    # ----------------------------------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        """Write the synthetic default once (rank 0); later runs reuse the cached folder."""
+        if self.synthetic_config is not None and not (self.root / "synthetic.json").is_file():
+            tmp = self.root.with_name(self.root.name + f".tmp{os.getpid()}")
+            write_synthetic(tmp, self.synthetic_config)
+            if self.root.exists():  # another process finished first
+                shutil.rmtree(tmp)
+            else:
+                tmp.rename(self.root)
+
+    def _load(self, splits: list[str]) -> dict[str, pd.DataFrame]:
+        if self.tables_only:
+            conf = read_confounders(self.hparams.confounders)
+            caps = read_captions(self.hparams.captions)
+            out = {}
+            for split in splits:
+                rows = conf[conf.split == split]
+                if rows.empty:
+                    raise HMCFormatError(f"{self.hparams.confounders}: no rows for split {split!r} "
+                                         f"(splits: {sorted(conf.split.unique())})")
+                text = descriptions_for(caps, rows.id.tolist(), self.hparams.text_column, self.hparams.captions)
+                out[split] = rows[["id", "split", "label"]].assign(text=text, img="")
+            return out
+        if self.root is None or not self.root.is_dir():
+            raise HMCFormatError(f"data root {self.root} is not a folder (set --data.root to an HMC folder)")
+        return read_hmc(self.root, splits, images=self.hparams.check_images and self.hparams.image_side == "pixels")
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+        roles = wanted.get(stage, ["train", "val", "test"])
+        names = sorted({self.split_names[r] for r in roles} | {self.hparams.train_split})
+        frames = self._load([n for n in names if n not in self.frames])
+        conf_path = self._table(self.hparams.confounders, "confounders.parquet")
+        conf = read_confounders(conf_path) if conf_path else None
+        for split, frame in frames.items():
+            if conf is not None and not self.tables_only:
+                check_confounders_cover(conf, frame, conf_path)
+            lookup = stratum_lookup(conf, split, self.hparams.pairs_only) if conf is not None else {}
+            for kind in KINDS:
+                frame[f"stratum_{kind.split('_')[1]}"] = frame.id.map(lookup.get(kind, {})).fillna(-1).astype(int)
+            if self.hparams.tags_file:
+                tags = pd.read_parquet(self.hparams.tags_file)
+                frame["tags"] = frame.id.map(dict(zip(tags.id.astype(str).str.zfill(5), tags.tags))).fillna("")
+            self.frames[split] = frame
+        if self.tokenizer is None:
+            self.tokenizer = self._build_tokenizer()
+        for role in roles:
+            split = self.split_names[role]
+            self.datasets[role] = MemeDataset(self.frames[split], self.root, self.transform, self._descriptions(split))
+
+    def _descriptions(self, split: str) -> list[str] | None:
+        if self.hparams.image_side != "caption":
+            return None
+        path = self._table(self.hparams.captions, "hm_captions.parquet")
+        if path is None:
+            raise HMCFormatError(f"caption mode needs a caption table: none given and none in {self.root}")
+        caps = read_captions(path)
+        return descriptions_for(caps, self.frames[split].id.tolist(), self.hparams.caption_column, path)
+
+    def _build_tokenizer(self):
+        if self.hparams.tokenizer:
+            return load_tokenizer(self.hparams.tokenizer)
+        train = self.frames[self.hparams.train_split]
+        texts = train.text.tolist()
+        if self.hparams.image_side == "caption":
+            texts += self._descriptions(self.hparams.train_split)
+        if "tags" in train.columns:
+            texts += train.tags.tolist()
+        return train_wordpiece(texts, self.hparams.vocab_size)
+
+    # ----------------------------------------------------------------------------------------- loaders
+    def _loader(self, role: str, shuffle: bool) -> DataLoader:
+        collate = MemeCollator(self.tokenizer, self.hparams.max_length, self.hparams.image_side == "caption")
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.datasets[role], batch_size=self.hparams.batch_size, shuffle=shuffle, collate_fn=collate,
+            num_workers=workers, persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

@@ -1,0 +1,23 @@
+"""Backbone registry: one adapter per model family, looked up by name from plain YAML values."""
+
+from __future__ import annotations
+
+from memefx.models.backbones.base import Backbone, BackboneOutput, ImageEncoder
+from memefx.models.backbones.visualbert import VisualBertBackbone
+
+BACKBONES: dict[str, type[Backbone]] = {"visualbert": VisualBertBackbone}
+
+
+def register(name: str, cls: type[Backbone]) -> None:
+    """Make a new family available to ``MemeClassifier(backbone=name)``."""
+    BACKBONES[name] = cls
+
+
+def build_backbone(name: str, **kwargs) -> Backbone:
+    """Instantiate a registered backbone; unknown names list the known ones."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+    return BACKBONES[name](**kwargs)
+
+
+__all__ = ["BACKBONES", "Backbone", "BackboneOutput", "ImageEncoder", "VisualBertBackbone", "build_backbone", "register"]

@@ -1,0 +1,82 @@
+"""The CLI in-process: fast_dev_run, a tiny real fit and its run directory, every YAML parses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from memefx.cli import main
+from tests.conftest import TINY_BACKBONE
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def _tiny_config(tmp_path, root) -> Path:
+    cfg = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                "init_args": {"save_dir": ".", "name": "logs"}}]},
+        "model": {"backbone": "visualbert", "backbone_args": TINY_BACKBONE, "miate_bootstrap": 50},
+        "data": {"root": str(root), "image_size": 32, "batch_size": 32, "vocab_size": 512, "max_length": 24},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_fit_fast_dev_run(tmp_path, tiny_root):
+    run = tmp_path / "run"
+    main(["fit", "--config", str(_tiny_config(tmp_path, tiny_root)), "--trainer.fast_dev_run", "true",
+          "--trainer.default_root_dir", str(run)])
+    assert (run / "predictions" / "dev_seen.parquet").is_file()
+    assert not (run / "config.yaml").exists()  # Lightning saves no config under fast_dev_run
+
+
+def test_fit_writes_run_directory(tmp_path, tiny_root, capsys):
+    run = tmp_path / "run"
+    main(["fit", "--config", str(_tiny_config(tmp_path, tiny_root)), "--trainer.max_epochs", "1",
+          "--trainer.default_root_dir", str(run), "--test_after_fit", "true"])
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(tiny_root) and saved["trainer"]["default_root_dir"] == str(run)
+    for split in ("dev_seen", "test_seen"):
+        pred = pd.read_parquet(run / "predictions" / f"{split}.parquet")
+        truth = pd.read_json(tiny_root / f"{split}.jsonl", lines=True, dtype={"id": str})
+        assert list(pred.columns) == ["id", "label", "p_hateful"]
+        assert sorted(pred.id) == sorted(truth.id)  # every meme once
+        assert pred.p_hateful.between(0, 1).all()
+        miate = json.loads((run / "miate" / f"{split}.json").read_text())
+        assert miate["split"] == split and miate["shared_image"]["n_strata"] > 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val/auroc", "test/auroc", "val/miate_shared_text"} <= set(metrics)
+    assert "val/auroc=" in capsys.readouterr().out
+    assert (run / "logs" / "version_0" / "metrics.csv").is_file()
+
+
+def test_wandb_logger_offline(tmp_path, tiny_root, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    main(["fit", "--config", str(_tiny_config(tmp_path, tiny_root)), "--config", str(ROOT / "configs/logger/wandb.yaml"),
+          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(run)])
+    assert list((run / "wandb").glob("offline-run-*"))  # fast_dev_run would swap loggers for a dummy
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_parses(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "trainer:" in capsys.readouterr().out
+
+
+def test_synth_command(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "s"), "--seed", "1", "--n-memes", "80", "--image-size", "16"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sum(s["memes"] for s in summary["splits"].values()) == 80
+    assert (tmp_path / "s" / "train.jsonl").is_file()
