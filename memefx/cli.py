@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from memefx.data.datamodule import MemeDataModule
 from memefx.models.module import MemeClassifier
 
-TOOLS = ("synth", "strata")
+TOOLS = ("synth", "strata", "report")
 REPORTED = ("auroc", "acc", "loss", "miate_shared_image", "miate_shared_text")
 
 
@@ -138,12 +138,25 @@ def _strata(argv: list[str]) -> int:
     return 0
 
 
+def _report(argv: list[str]) -> int:
+    from memefx.report.run import write_report
+
+    p = argparse.ArgumentParser(prog="memefx report", description="Plots and a markdown table of a run directory.")
+    p.add_argument("run_dir")
+    a = p.parse_args(argv)
+    if not Path(a.run_dir).is_dir():
+        print(f"memefx report: {a.run_dir} is not a run directory", file=sys.stderr)
+        return 2
+    print(write_report(a.run_dir))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``memefx`` console script."""
     given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
-        return {"synth": _synth, "strata": _strata}[argv[0]](argv[1:])
+        return {"synth": _synth, "strata": _strata, "report": _report}[argv[0]](argv[1:])
     MemeCLI(
         MemeClassifier, MemeDataModule, args=given, save_config_callback=RunDirConfig,
         parser_kwargs={"parser_mode": "omegaconf"}, seed_everything_default=0,

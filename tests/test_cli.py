@@ -55,6 +55,11 @@ def test_fit_writes_run_directory(tmp_path, tiny_root, capsys):
     assert {"val/auroc", "test/auroc", "val/miate_shared_text"} <= set(metrics)
     assert "val/auroc=" in capsys.readouterr().out
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()
+    assert main(["report", str(run)]) == 0
+    report = (run / "report" / "report.md").read_text()
+    assert "| dev_seen | shared_image |" in report
+    for png in ("val_miate.png", "val_auroc.png", "dev_seen_threshold_curve.png"):
+        assert (run / "report" / png).stat().st_size > 1000
 
 
 def test_wandb_logger_offline(tmp_path, tiny_root, monkeypatch):

@@ -54,7 +54,14 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedT
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
-    """Load a fast tokenizer from a local folder (or the local HF cache); never downloads."""
+    """Load a fast tokenizer from a local folder (or the local HF cache); never downloads.
+
+    ``minilm`` names the tokenizer of the packaged MiniLM (extra ``memefx[minilm]``).
+    """
+    if name_or_path == "minilm":
+        from memefx.models.backbones.caption_pair import minilm_path
+
+        name_or_path = minilm_path()
     tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, use_fast=True)
     if not tok.is_fast:
         raise ValueError(f"tokenizer {name_or_path!r} is not a fast tokenizer; segments need sequence_ids")

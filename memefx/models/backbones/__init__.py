@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from memefx.models.backbones.base import Backbone, BackboneOutput, ImageEncoder
+from memefx.models.backbones.caption_pair import CaptionPairBackbone
 from memefx.models.backbones.visualbert import VisualBertBackbone
 
-BACKBONES: dict[str, type[Backbone]] = {"visualbert": VisualBertBackbone}
+BACKBONES: dict[str, type[Backbone]] = {"visualbert": VisualBertBackbone, "caption_pair": CaptionPairBackbone}
 
 
 def register(name: str, cls: type[Backbone]) -> None:
@@ -20,4 +21,4 @@ def build_backbone(name: str, **kwargs) -> Backbone:
     return BACKBONES[name](**kwargs)
 
 
-__all__ = ["BACKBONES", "Backbone", "BackboneOutput", "ImageEncoder", "VisualBertBackbone", "build_backbone", "register"]
+__all__ = ["BACKBONES", "Backbone", "BackboneOutput", "CaptionPairBackbone", "ImageEncoder", "VisualBertBackbone", "build_backbone", "register"]
