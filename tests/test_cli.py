@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
-def _tiny_config(tmp_path, root) -> Path:
+def _tiny_config(tmp_path, root, midas: bool = False) -> Path:
+    callbacks = [{"class_path": "memefx.callbacks.midas.MIDASCallback", "init_args": {"stages": ["train", "val"]}}]
     cfg = {
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
                     "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -24,6 +25,8 @@ def _tiny_config(tmp_path, root) -> Path:
         "model": {"backbone": "visualbert", "backbone_args": TINY_BACKBONE, "miate_bootstrap": 50},
         "data": {"root": str(root), "image_size": 32, "batch_size": 32, "vocab_size": 512, "max_length": 24},
     }
+    if midas:
+        cfg["trainer"]["callbacks"] = callbacks
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

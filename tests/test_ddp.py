@@ -22,7 +22,7 @@ def _validate(config, run, *extra):
 
 
 def test_ddp_two_processes_equal_one(tmp_path, tiny_root):
-    config = _tiny_config(tmp_path, tiny_root)
+    config = _tiny_config(tmp_path, tiny_root, midas=True)
     _validate(config, tmp_path / "one")
     _validate(config, tmp_path / "two", "--trainer.strategy", "ddp", "--trainer.devices", "2")
     for split in ["dev_seen"]:
@@ -35,3 +35,8 @@ def test_ddp_two_processes_equal_one(tmp_path, tiny_root):
             assert ma[kind]["n_strata"] == mb[kind]["n_strata"] > 0
             for key in ("mean", "weighted_mean", "ci_low", "ci_high"):
                 assert mb[kind][key] == pytest.approx(ma[kind][key], abs=1e-6)
+    keys = ["id", "layer", "head", "block", "score"]
+    ta = pd.read_parquet(tmp_path / "one" / "midas" / "val_epoch0.parquet").sort_values(keys, ignore_index=True)
+    tb = pd.read_parquet(tmp_path / "two" / "midas" / "val_epoch0.parquet").sort_values(keys, ignore_index=True)
+    assert len(ta) == len(tb) and ta.id.nunique() == len(a)
+    pd.testing.assert_frame_equal(ta, tb, atol=1e-6, rtol=1e-5)

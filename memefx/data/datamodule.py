@@ -52,6 +52,27 @@ class MemeDataset(Dataset):
         return item
 
 
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """Shuffles with a permutation fixed by (seed, epoch), not by the global RNG.
+
+    Lightning calls ``set_epoch`` every epoch, so a run resumed from a checkpoint at an epoch boundary
+    sees the same order as an uninterrupted one (DDP uses DistributedSampler, seeded the same way).
+    """
+
+    def __init__(self, data_source, seed: int = 0):
+        self.n, self.seed, self.epoch = len(data_source), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 class MemeDataModule(L.LightningDataModule):
     """Splits, tokenizer, image transform and collate for every backbone family.
 
@@ -72,6 +93,7 @@ class MemeDataModule(L.LightningDataModule):
         pairs_only: stratum ids only for two-member strata (the reference code's restriction).
         tags_file: parquet with ``id, tags`` (space-separated object tags) for OSCAR-style backbones.
         synthetic: ``SyntheticConfig`` fields for the default dataset.
+        seed: seed of the training order (a function of seed and epoch only).
     """
 
     def __init__(
@@ -96,6 +118,7 @@ class MemeDataModule(L.LightningDataModule):
         pairs_only: bool = False,
         tags_file: str | None = None,
         synthetic: dict | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -205,8 +228,10 @@ class MemeDataModule(L.LightningDataModule):
     def _loader(self, role: str, shuffle: bool) -> DataLoader:
         collate = MemeCollator(self.tokenizer, self.hparams.max_length, self.hparams.image_side == "caption")
         workers = self.hparams.num_workers
+        dataset = self.datasets[role]
+        sampler = EpochSeededSampler(dataset, self.hparams.seed) if shuffle else None
         return DataLoader(
-            self.datasets[role], batch_size=self.hparams.batch_size, shuffle=shuffle, collate_fn=collate,
+            dataset, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate,
             num_workers=workers, persistent_workers=workers > 0,
         )
 

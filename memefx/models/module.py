@@ -38,6 +38,8 @@ class MemeClassifier(L.LightningModule):
         scheduler: ``cosine`` (warm-up + cosine) or ``constant``.
         miate_bootstrap: stratum-bootstrap resamples for the miATE interval.
         miate_seed: seed of the bootstrap (recorded with each result).
+        seed: every training step starts from a seed fixed by (seed, epoch, batch index), so dropout
+            does not depend on what ran before and a resumed run repeats an uninterrupted one.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class MemeClassifier(L.LightningModule):
         scheduler: Literal["cosine", "constant"] = "cosine",
         miate_bootstrap: int = 1000,
         miate_seed: int = 0,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -61,6 +64,8 @@ class MemeClassifier(L.LightningModule):
             f"{s}_{kind}": MiATE(n_bootstrap=miate_bootstrap, seed=miate_seed) for s in STAGES for kind in KINDS
         })
         self._predictions: dict[str, list[tuple[list[str], torch.Tensor, torch.Tensor]]] = {}
+        self.capture_attentions = False  # set by MIDASCallback for the training step
+        self.captured: dict | None = None
 
     # --------------------------------------------------------------------------------------- plumbing
     def setup(self, stage: str) -> None:
@@ -84,10 +89,21 @@ class MemeClassifier(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         return dm.split_names[stage] if dm is not None and hasattr(dm, "split_names") else stage
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # randomness of a step (dropout) depends on (seed, epoch, batch) only, not on what ran before
+        # (data loader iterators, validation): a resumed run repeats an uninterrupted one
+        L.seed_everything(self.hparams.seed + 1_000_003 * self.current_epoch + batch_idx, verbose=False)
+
     # ------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self(batch)
+        out = self(batch, output_attentions=self.capture_attentions)
         loss = F.cross_entropy(out.logits, batch["labels"])
+        if self.capture_attentions:  # MIDAS reads dLoss/dA from this very backward
+            for attention in out.attentions:
+                attention.retain_grad()
+            p_gold = out.logits.detach().float().softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
+            self.captured = {"attentions": out.attentions, "segments": out.segments, "p_gold": p_gold,
+                             "ids": list(batch["ids"])}
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 

@@ -34,6 +34,10 @@ class Backbone(nn.Module):
     def forward(self, batch: dict, output_attentions: bool = False) -> BackboneOutput:  # pragma: no cover
         raise NotImplementedError
 
+    def attention_modules(self) -> list[nn.Module]:
+        """The self-attention module of each layer, in order (targets of attention override hooks)."""
+        return [layer.attention.self for layer in self.encoder.encoder.layer]
+
 
 class ImageEncoder(nn.Module):
     """A timm model turned into a sequence of visual tokens (B, N, C).

@@ -1,0 +1,102 @@
+"""MIDAS reductions (SPEC section 3): per sample, layer, head and block, the sum and entry count of the
+attention, its gradient and their product; tables, summaries and stratum-level differences.
+
+Everything here is pure (tensors and frames in, tensors and frames out); the Lightning callback only
+collects the inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from memefx.attribution.masks import BLOCKS, block_counts, block_sums
+
+SCORES = ("attention", "gradient", "attattr")
+TARGETS = ("gold", "pred", "hateful")
+
+
+def target_classes(probs: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
+    """Class whose probability is attributed: gold label (pred where unlabeled), prediction, or hateful."""
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r}: expected one of {TARGETS}")
+    if target == "hateful":
+        return torch.ones_like(labels)
+    pred = probs.argmax(-1)
+    return pred if target == "pred" else torch.where(labels >= 0, labels, pred)
+
+
+def prob_grad_from_loss_grad(loss_grad: torch.Tensor, p_gold: torch.Tensor, batch_size: int,
+                             loss_scale: float = 1.0, accumulate: int = 1) -> torch.Tensor:
+    """dp_y(b)/dA_b from the gradient of the mean cross-entropy that training already computed.
+
+    With loss = (1/B) sum_b -log p_y(b) (divided by ``accumulate`` under gradient accumulation and
+    multiplied by ``loss_scale`` under AMP), dLoss/dA_b = -(accumulate * loss_scale * B * p_y(b))^-1
+    * dp_y(b)/dA_b, because sample b's attention reaches only sample b's loss term.
+    """
+    factor = -(batch_size * accumulate / loss_scale) * p_gold
+    return loss_grad * factor.view(-1, *([1] * (loss_grad.dim() - 1))).to(loss_grad.dtype)
+
+
+def reduce_layers(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], segments: torch.Tensor,
+                  scores: Sequence[str] = SCORES) -> dict[str, torch.Tensor]:
+    """Block sums per score type: {score: (B, L, H, 4)} on the CPU in float64, plus ``count`` (B, 4).
+
+    Only these small tensors survive; the T x T inputs can be freed right after.
+    """
+    out: dict[str, list[torch.Tensor]] = {s: [] for s in scores}
+    with torch.no_grad():
+        for att, grad in zip(attentions, grads, strict=True):
+            att, grad = att.detach().double(), grad.detach().double()
+            parts = {"attention": att, "gradient": grad, "attattr": att * grad}
+            for s in scores:
+                out[s].append(block_sums(parts[s], segments).cpu())
+    result = {s: torch.stack(v, dim=1) for s, v in out.items()}
+    result["count"] = block_counts(segments).cpu()
+    return result
+
+
+def to_table(ids: Sequence[str], reduced: dict[str, np.ndarray | torch.Tensor], epoch: int, stage: str,
+             layers: Sequence[int]) -> pd.DataFrame:
+    """Long table: id, epoch, stage, layer, head, block, score, sum, count (one row per entry)."""
+    counts = np.asarray(reduced["count"])
+    frames = []
+    for score in (s for s in SCORES if s in reduced):
+        sums = np.asarray(reduced[score])  # (N, L, H, 4)
+        n, n_layers, n_heads, n_blocks = sums.shape
+        idx = np.indices(sums.shape).reshape(4, -1)
+        frames.append(pd.DataFrame({
+            "id": np.asarray(ids, dtype=object)[idx[0]], "epoch": epoch, "stage": stage,
+            "layer": np.asarray(layers)[idx[1]], "head": idx[2], "block": np.asarray(BLOCKS)[idx[3]],
+            "score": score, "sum": sums.reshape(-1), "count": counts[idx[0], idx[3]],
+        }))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def block_summary(table: pd.DataFrame, by: Sequence[str] = ("stage", "epoch", "score", "block")) -> pd.DataFrame:
+    """Block means pooled as sums of sums over sums of counts (never a mean of ratios)."""
+    grouped = table.groupby(list(by), sort=True)[["sum", "count"]].sum().reset_index()
+    grouped["mean"] = grouped["sum"] / grouped["count"].where(grouped["count"] > 0)
+    return grouped
+
+
+def sample_block_means(table: pd.DataFrame, score: str = "attattr") -> pd.DataFrame:
+    """Per sample: block mean over all layers and heads, one column per block."""
+    rows = table[table.score == score]
+    pooled = rows.groupby(["id", "block"])[["sum", "count"]].sum()
+    means = (pooled["sum"] / pooled["count"].where(pooled["count"] > 0)).unstack("block")
+    return means.reindex(columns=list(BLOCKS))
+
+
+def stratum_midas(means: pd.DataFrame, members: pd.DataFrame) -> pd.DataFrame:
+    """Stratum-level MIDAS: mean block score over hateful members minus over benign members.
+
+    ``members`` has columns id, stratum, label (e.g. from ``strata_members``); ``means`` is indexed by id.
+    """
+    rows = members[["id", "stratum", "label"]].merge(means, left_on="id", right_index=True)
+    pos = rows[rows.label == 1].groupby("stratum")[list(BLOCKS)].mean()
+    neg = rows[rows.label == 0].groupby("stratum")[list(BLOCKS)].mean()
+    return (pos - neg).dropna(how="all")

@@ -1,0 +1,170 @@
+"""MIDASCallback: per-epoch attention attribution collected during training and evaluation.
+
+Train stage: the training step keeps its attention tensors (``retain_grad``) and this callback turns
+the gradient that the training backward already computed, dLoss/dA, into each sample's gradient of its
+gold-class probability (exact rescaling, AMP loss scale and gradient accumulation undone): no extra pass.
+Evaluation stages: one eval-mode forward with attention capture and one backward of sum_b F_b per batch.
+Only (samples x layers x heads x blocks) sums survive a step. Tables are written per epoch to
+``<run dir>/midas/<stage>_epoch<k>.parquet``; a checkpoint carries the unfinished epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from memefx.attribution.midas import (
+    SCORES,
+    block_summary,
+    prob_grad_from_loss_grad,
+    reduce_layers,
+    target_classes,
+    to_table,
+)
+
+
+class MIDASCallback(Callback):
+    """Collect MIDAS block sums every epoch.
+
+    Args:
+        stages: any of ``train``, ``val``, ``test``.
+        target: class attributed in evaluation stages: ``gold`` (pred where unlabeled), ``pred`` or
+            ``hateful``. The train stage always uses the gold class (that is what the loss holds).
+        layers: layer indices to keep (``None``: all).
+        scores: subset of ``attention``, ``gradient``, ``attattr``.
+    """
+
+    def __init__(self, stages: list[str] | tuple[str, ...] = ("train", "val"), target: str = "gold",
+                 layers: list[int] | None = None, scores: list[str] | tuple[str, ...] = SCORES):
+        super().__init__()
+        unknown = set(stages) - {"train", "val", "test"}
+        if unknown:
+            raise ValueError(f"MIDASCallback stages {sorted(unknown)}: expected train, val or test")
+        target_classes(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), target)  # validates the name
+        self.stages, self.target, self.layers, self.scores = tuple(stages), target, layers, tuple(scores)
+        self._buffers: dict[str, dict[str, list]] = {}
+
+    # ------------------------------------------------------------------------------------ collection
+    def _keep(self, attentions):
+        layers = self.layers if self.layers is not None else range(len(attentions))
+        return list(layers), [attentions[i] for i in layers]
+
+    def _add(self, stage: str, epoch: int, ids: list[str], reduced: dict[str, torch.Tensor], layers: list[int]) -> None:
+        buf = self._buffers.setdefault(stage, {"ids": [], "layers": layers, "epoch": epoch, **{k: [] for k in reduced}})
+        buf["ids"].extend(ids)
+        for key, value in reduced.items():
+            buf[key].append(value.numpy())
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._flush_stale(trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._flush_stale(trainer, pl_module)
+
+    def _flush_stale(self, trainer, pl_module) -> None:
+        """A checkpoint taken after validation but before the epoch's end holds a complete earlier
+        epoch: write it under its own epoch before collecting the new one (resume after a kill)."""
+        for stage in [s for s, b in self._buffers.items() if b.get("epoch", trainer.current_epoch) < trainer.current_epoch]:
+            self._flush(stage, trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pl_module.capture_attentions = "train" in self.stages
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        captured = getattr(pl_module, "captured", None)
+        pl_module.captured = None
+        if not captured:
+            return
+        layers, attentions = self._keep(captured["attentions"])
+        if any(a.grad is None for a in attentions):
+            raise RuntimeError("MIDAS: attention tensors got no gradient in the training backward")
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        grads = [prob_grad_from_loss_grad(a.grad, captured["p_gold"], len(captured["ids"]), loss_scale,
+                                          trainer.accumulate_grad_batches) for a in attentions]
+        reduced = reduce_layers(attentions, grads, captured["segments"], self.scores)
+        self._add("train", trainer.current_epoch, captured["ids"], reduced, layers)
+
+    def _eval_batch(self, stage: str, trainer, pl_module, batch) -> None:
+        if stage not in self.stages or trainer.sanity_checking:
+            return
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+            out = pl_module(batch, output_attentions=True)
+            probs = out.logits.float().softmax(-1)
+            tgt = target_classes(probs.detach(), batch["labels"], self.target)
+            f = probs.gather(1, tgt[:, None]).sum()  # samples do not interact: one backward for all
+            layers, attentions = self._keep(out.attentions)
+            grads = torch.autograd.grad(f, attentions)
+        reduced = reduce_layers(attentions, grads, out.segments, self.scores)
+        self._add(stage, trainer.current_epoch, list(batch["ids"]), reduced, layers)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch("val", trainer, pl_module, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch("test", trainer, pl_module, batch)
+
+    # ------------------------------------------------------------------------------------ epoch ends
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.capture_attentions = False
+        self._flush("train", trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._flush("val", trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._flush("test", trainer, pl_module)
+
+    def _flush(self, stage: str, trainer, pl_module) -> None:
+        buf = self._buffers.pop(stage, None)
+        table = None
+        epoch = trainer.current_epoch if buf is None else buf["epoch"]
+        if buf is not None:
+            reduced = {k: np.concatenate(buf[k]) for k in (*self.scores, "count")}
+            table = to_table(buf["ids"], reduced, epoch, stage, buf["layers"])
+        if trainer.world_size > 1:
+            parts = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, table)
+            parts = [p for p in parts if p is not None]
+            table = pd.concat(parts, ignore_index=True) if parts else None
+        if table is None or table.empty:
+            return
+        # DistributedSampler pads with repeated samples: keep each id once
+        first = table.drop_duplicates(["id", "layer", "head", "block", "score"])
+        summary = block_summary(first)
+        for row in summary[summary.score == "attattr"].itertuples():
+            pl_module.log(f"midas/{stage}_attattr_{row.block}", float(row.mean), rank_zero_only=True, sync_dist=False)
+        if trainer.is_global_zero:
+            path = Path(trainer.default_root_dir) / "midas" / f"{stage}_epoch{epoch}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            first.to_parquet(path, index=False)
+            self._log_heatmap(trainer, first, stage)
+
+    def _log_heatmap(self, trainer, table: pd.DataFrame, stage: str) -> None:
+        """Layer x head heatmap of the cross-block attattr mean, for loggers that take images (W&B)."""
+        loggers = [lg for lg in trainer.loggers if hasattr(lg, "log_image")]
+        if not loggers:
+            return
+        grid = block_summary(table[(table.score == "attattr") & (table.block == "cross")], by=("layer", "head"))
+        image = grid.pivot(index="layer", columns="head", values="mean").to_numpy()
+        lo, hi = np.nanmin(image), np.nanmax(image)
+        scaled = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+        for logger in loggers:
+            logger.log_image(key=f"midas/{stage}_cross_heatmap", images=[scaled], step=trainer.global_step)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The unfinished epoch's sums, so a resumed run writes the same tables as an uninterrupted one."""
+        return {"buffers": {s: {k: (v if k in ("ids", "layers", "epoch") else [np.asarray(x) for x in v])
+                                for k, v in buf.items()} for s, buf in self._buffers.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._buffers = {s: dict(buf) for s, buf in state_dict.get("buffers", {}).items()}
+
