@@ -42,7 +42,7 @@ def test_fit_fast_dev_run(tmp_path, tiny_root):
 
 def test_fit_writes_run_directory(tmp_path, tiny_root, capsys):
     run = tmp_path / "run"
-    main(["fit", "--config", str(_tiny_config(tmp_path, tiny_root)), "--trainer.max_epochs", "1",
+    main(["fit", "--config", str(_tiny_config(tmp_path, tiny_root, midas=True)), "--trainer.max_epochs", "1",
           "--trainer.default_root_dir", str(run), "--test_after_fit", "true"])
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["root"] == str(tiny_root) and saved["trainer"]["default_root_dir"] == str(run)
@@ -61,7 +61,10 @@ def test_fit_writes_run_directory(tmp_path, tiny_root, capsys):
     assert main(["report", str(run)]) == 0
     report = (run / "report" / "report.md").read_text()
     assert "| dev_seen | shared_image |" in report
-    for png in ("val_miate.png", "val_auroc.png", "dev_seen_threshold_curve.png"):
+    assert {"train_epoch0.parquet", "val_epoch0.parquet", "val_epoch1.parquet"} <= {p.name for p in (run / "midas").iterdir()}
+    assert "## MIDAS" in report and "Predicting miATE_g >= 0.5" in report  # AUC, or why there is none
+    for png in ("val_miate.png", "val_auroc.png", "dev_seen_threshold_curve.png", "midas_attattr_curves.png",
+                "val_epoch1_cross_heatmap.png"):
         assert (run / "report" / png).stat().st_size > 1000
 
 

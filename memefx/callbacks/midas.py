@@ -3,7 +3,8 @@
 Train stage: the training step keeps its attention tensors (``retain_grad``) and this callback turns
 the gradient that the training backward already computed, dLoss/dA, into each sample's gradient of its
 gold-class probability (exact rescaling, AMP loss scale and gradient accumulation undone): no extra pass.
-Evaluation stages: one eval-mode forward with attention capture and one backward of sum_b F_b per batch.
+Evaluation stages: the evaluation step's own forward keeps its graph (with attention capture) and this
+callback runs one backward of sum_b F_b per batch: no second forward.
 Only (samples x layers x heads x blocks) sums survive a step. Tables are written per epoch to
 ``<run dir>/midas/<stage>_epoch<k>.parquet``; a checkpoint carries the unfinished epoch.
 """
@@ -64,6 +65,7 @@ class MIDASCallback(Callback):
         self._flush_stale(trainer, pl_module)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        pl_module.capture_eval = {s for s in self.stages if s != "train"}
         self._flush_stale(trainer, pl_module)
 
     def _flush_stale(self, trainer, pl_module) -> None:
@@ -78,7 +80,7 @@ class MIDASCallback(Callback):
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         captured = getattr(pl_module, "captured", None)
         pl_module.captured = None
-        if not captured:
+        if not captured or "stage" in captured:
             return
         layers, attentions = self._keep(captured["attentions"])
         if any(a.grad is None for a in attentions):
@@ -90,12 +92,13 @@ class MIDASCallback(Callback):
         reduced = reduce_layers(attentions, grads, captured["segments"], self.scores)
         self._add("train", trainer.current_epoch, captured["ids"], reduced, layers)
 
-    def _eval_batch(self, stage: str, trainer, pl_module, batch) -> None:
-        if stage not in self.stages or trainer.sanity_checking:
+    def _eval_batch(self, stage: str, trainer, pl_module) -> None:
+        captured = getattr(pl_module, "captured", None)
+        pl_module.captured = None
+        if stage not in self.stages or trainer.sanity_checking or not captured or captured.get("stage") != stage:
             return
+        out, batch = captured["out"], captured["batch"]
         with torch.inference_mode(False), torch.enable_grad():
-            batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
-            out = pl_module(batch, output_attentions=True)
             probs = out.logits.float().softmax(-1)
             tgt = target_classes(probs.detach(), batch["labels"], self.target)
             f = probs.gather(1, tgt[:, None]).sum()  # samples do not interact: one backward for all
@@ -105,10 +108,13 @@ class MIDASCallback(Callback):
         self._add(stage, trainer.current_epoch, list(batch["ids"]), reduced, layers)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch("val", trainer, pl_module, batch)
+        self._eval_batch("val", trainer, pl_module)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch("test", trainer, pl_module, batch)
+        self._eval_batch("test", trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        pl_module.capture_eval = {s for s in self.stages if s != "train"}
 
     # ------------------------------------------------------------------------------------ epoch ends
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -116,10 +122,12 @@ class MIDASCallback(Callback):
         self._flush("train", trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.capture_eval = set()
         if not trainer.sanity_checking:
             self._flush("val", trainer, pl_module)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.capture_eval = set()
         self._flush("test", trainer, pl_module)
 
     def _flush(self, stage: str, trainer, pl_module) -> None:

@@ -65,6 +65,7 @@ class MemeClassifier(L.LightningModule):
         })
         self._predictions: dict[str, list[tuple[list[str], torch.Tensor, torch.Tensor]]] = {}
         self.capture_attentions = False  # set by MIDASCallback for the training step
+        self.capture_eval: set[str] = set()  # evaluation stages whose forward MIDASCallback differentiates
         self.captured: dict | None = None
 
     # --------------------------------------------------------------------------------------- plumbing
@@ -108,12 +109,20 @@ class MemeClassifier(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        out = self(batch)
-        probs = out.logits.float().softmax(-1)[:, 1]
+        if stage in self.capture_eval and not self.trainer.sanity_checking:
+            # MIDAS: the one eval forward keeps its graph, so the callback's backward needs no second pass
+            with torch.inference_mode(False), torch.enable_grad():
+                batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+                out = self(batch, output_attentions=True)
+            self.captured = {"stage": stage, "out": out, "batch": batch}
+            logits = out.logits.detach()
+        else:
+            logits = self(batch).logits
+        probs = logits.float().softmax(-1)[:, 1]
         labels = batch["labels"]
         labeled = labels >= 0
         if labeled.any():
-            loss = F.cross_entropy(out.logits[labeled], labels[labeled])
+            loss = F.cross_entropy(logits[labeled], labels[labeled])
             self.log(f"{stage}/loss", loss, batch_size=int(labeled.sum()), sync_dist=True)
             self.metrics[stage].update(probs[labeled], labels[labeled])
         row_ids = torch.tensor([int(i) for i in batch["ids"]], device=probs.device)

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 KINDS = ("shared_image", "shared_text")
@@ -78,6 +79,85 @@ def plot_threshold_curve(miate: dict, out: Path) -> Path | None:
     return _save(fig, out / f"{miate['split']}_threshold_curve.png")
 
 
+def midas_tables(run_dir: Path) -> dict[tuple[str, int], Path]:
+    """(stage, epoch) -> table path of every MIDAS table in the run directory."""
+    out = {}
+    for path in (run_dir / "midas").glob("*_epoch*.parquet"):
+        stage, epoch = path.stem.rsplit("_epoch", 1)
+        out[(stage, int(epoch))] = path
+    return dict(sorted(out.items()))
+
+
+def plot_midas_curves(tables: dict[tuple[str, int], Path], out: Path, score: str = "attattr") -> Path | None:
+    """Block means (sums of sums over sums of counts) per epoch, one panel per stage."""
+    from memefx.attribution.midas import block_summary
+
+    if not tables:
+        return None
+    summary = pd.concat([block_summary(pd.read_parquet(p, filters=[("score", "==", score)])) for p in tables.values()])
+    stages = [s for s in ("train", "val", "test") if s in set(summary.stage)]
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.8), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        rows = summary[summary.stage == stage]
+        for block, part in rows.groupby("block"):
+            ax.plot(part.epoch, part["mean"], marker="o", label=block)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=f"{stage}: MIDAS {score} block mean", xlabel="epoch")
+        ax.legend(fontsize=8)
+    return _save(fig, out / f"midas_{score}_curves.png")
+
+
+def plot_midas_heatmap(path: Path, out: Path, block: str = "cross", score: str = "attattr") -> Path:
+    """Layer x head heatmap of one block's mean score in one table."""
+    from memefx.attribution.midas import block_summary
+
+    table = pd.read_parquet(path, filters=[("score", "==", score), ("block", "==", block)])
+    grid = block_summary(table, by=("layer", "head")).pivot(index="layer", columns="head", values="mean")
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * grid.shape[1], 1 + 0.5 * grid.shape[0]))
+    lim = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
+    im = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set(xlabel="head", ylabel="layer", title=f"{path.stem}: {block} {score}",
+           xticks=range(grid.shape[1]), yticks=range(grid.shape[0]), yticklabels=grid.index)
+    fig.colorbar(im, ax=ax)
+    return _save(fig, out / f"{path.stem}_{block}_heatmap.png")
+
+
+def stratum_analysis(run_dir: Path, table_path: Path, miate: dict) -> dict | None:
+    """Stratum MIDAS features of the evaluated split joined with its miATE rows, and the AUC of
+    predicting miATE_g >= 0.5 (grouped by anchor; the leaky row split for comparison)."""
+    from memefx.attribution.analysis import predict_strong_effect, stratum_features
+    from memefx.data.strata import strata_members
+    from memefx.data.tables import read_confounders
+
+    conf = _run_confounders(run_dir)
+    if conf is None:
+        return None
+    members = strata_members(read_confounders(conf))
+    members = members[members.split == miate["split"]]
+    rows = pd.DataFrame([{"kind": k, **r} for k in KINDS for r in miate.get(k, {}).get("strata", [])])
+    if rows.empty:
+        return None
+    features = stratum_features(pd.read_parquet(table_path), members)
+    return predict_strong_effect(features, rows)
+
+
+def _run_confounders(run_dir: Path) -> Path | None:
+    """The confounder table a run used, from its saved config (synthetic default included)."""
+    import yaml
+
+    from memefx.data.datamodule import MemeDataModule
+
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    try:
+        dm = MemeDataModule(**data)
+    except TypeError:
+        return None
+    return dm._table(dm.hparams.confounders, "confounders.parquet")
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -130,6 +210,27 @@ def write_report(run_dir: str | Path) -> Path:
     md += ["## miATE", "", miate_table(miates), ""]
     if note:
         md += [f"_{note}_", ""]
+    tables = midas_tables(run_dir)
+    if tables:
+        md += ["## MIDAS", ""]
+        plots.append(plot_midas_curves(tables, out))
+        evals = [(k, p) for k, p in tables.items() if k[0] in ("val", "test")]
+        if evals:
+            (stage, epoch), last = max(evals, key=lambda kv: (kv[0][0] == "val", kv[0][1]))
+            plots.append(plot_midas_heatmap(last, out))
+            match = [m for m in miates if m.get("stage") == stage]
+            analysis = stratum_analysis(run_dir, last, match[0]) if match else None
+            if analysis:
+                md += [f"Predicting miATE_g >= 0.5 from stratum MIDAS features ({last.name}, "
+                       f"{analysis['n_strata']} strata, {analysis['n_positive']} positive):", ""]
+                for name in ("grouped", "row_split_leaky"):
+                    if name in analysis:
+                        r = analysis[name]
+                        md.append(f"- {name}: AUC {_fmt(r['auc'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]")
+                if "note" in analysis:
+                    md.append(f"- {analysis['note']}")
+                md.append("")
+                (out / "stratum_analysis.json").write_text(json.dumps(analysis, indent=2))
     md += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
