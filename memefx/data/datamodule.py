@@ -93,7 +93,7 @@ class MemeDataModule(L.LightningDataModule):
         pairs_only: stratum ids only for two-member strata (the reference code's restriction).
         tags_file: parquet with ``id, tags`` (space-separated object tags) for OSCAR-style backbones.
         synthetic: ``SyntheticConfig`` fields for the default dataset.
-        seed: seed of the training order (a function of seed and epoch only).
+        shuffle_seed: seed of the training order (a function of this seed and the epoch only).
     """
 
     def __init__(
@@ -118,7 +118,7 @@ class MemeDataModule(L.LightningDataModule):
         pairs_only: bool = False,
         tags_file: str | None = None,
         synthetic: dict | None = None,
-        seed: int = 0,
+        shuffle_seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -229,7 +229,7 @@ class MemeDataModule(L.LightningDataModule):
         collate = MemeCollator(self.tokenizer, self.hparams.max_length, self.hparams.image_side == "caption")
         workers = self.hparams.num_workers
         dataset = self.datasets[role]
-        sampler = EpochSeededSampler(dataset, self.hparams.seed) if shuffle else None
+        sampler = EpochSeededSampler(dataset, self.hparams.shuffle_seed) if shuffle else None
         return DataLoader(
             dataset, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate,
             num_workers=workers, persistent_workers=workers > 0,

@@ -46,6 +46,7 @@ class CaptionPairBackbone(Backbone):
         if pretrained:
             path = minilm_path() if pretrained == "minilm" else pretrained
             self.encoder = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+            self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         else:
             config = BertConfig(
                 vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,

@@ -43,6 +43,7 @@ class VisualBertBackbone(Backbone):
         if pretrained:
             self.encoder = VisualBertModel.from_pretrained(pretrained, local_files_only=True,
                                                            attn_implementation="eager")
+            self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
             self.visual_adapter = nn.Linear(self.image_encoder.out_dim, self.encoder.config.visual_embedding_dim)
         else:
             config = VisualBertConfig(
