@@ -54,6 +54,11 @@ class MemeCLI(LightningCLI):
             init = getattr(logger, "init_args", None)
             if init is not None and init.get("save_dir") in (None, "."):
                 init["save_dir"] = run_dir  # "." in a logger fragment means the run directory
+        for callback in trainer.get("callbacks") or []:
+            init = getattr(callback, "init_args", None)
+            if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and init.get("dirpath") is None:
+                # one fixed folder, so `--ckpt_path last` finds the checkpoint whatever the logger version
+                init["dirpath"] = str(Path(run_dir) / "checkpoints")
 
     def _provenance(self) -> None:
         """Write ``provenance.json`` to the run directory and hand it to the loggers (W&B run config)."""

@@ -169,10 +169,15 @@ class MIDASCallback(Callback):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """The unfinished epoch's sums, so a resumed run writes the same tables as an uninterrupted one."""
-        return {"buffers": {s: {k: (v if k in ("ids", "layers", "epoch") else [np.asarray(x) for x in v])
+        """The unfinished epoch's sums, so a resumed run writes the same tables as an uninterrupted one.
+
+        Arrays are stored as tensors: checkpoints load with ``torch.load(weights_only=True)``.
+        """
+        plain = ("ids", "layers", "epoch")
+        return {"buffers": {s: {k: (v if k in plain else [torch.from_numpy(np.asarray(x)) for x in v])
                                 for k, v in buf.items()} for s, buf in self._buffers.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._buffers = {s: dict(buf) for s, buf in state_dict.get("buffers", {}).items()}
-
+        plain = ("ids", "layers", "epoch")
+        self._buffers = {s: {k: (v if k in plain else [x.numpy() if torch.is_tensor(x) else np.asarray(x) for x in v])
+                             for k, v in buf.items()} for s, buf in state_dict.get("buffers", {}).items()}

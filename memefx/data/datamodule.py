@@ -60,7 +60,7 @@ class EpochSeededSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, data_source, seed: int = 0):
-        self.n, self.seed, self.epoch = len(data_source), seed, 0
+        self.n, self.seed, self.epoch, self.start = len(data_source), seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -70,7 +70,46 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        start, self.start = self.start, 0  # a resume offset applies to one pass only
+        return iter(torch.randperm(self.n, generator=g).tolist()[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position inside the epoch is saved in checkpoints (Lightning's ``_Stateful``).
+
+    A run killed mid-epoch and resumed from its last checkpoint continues with the next batch of the
+    same order instead of starting the epoch again.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._skip = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._served = skip
+        sampler = self.sampler
+        start = skip * (self.batch_size or 1)
+        if isinstance(sampler, EpochSeededSampler):
+            sampler.start = start
+            skip = 0  # the sampler leaves the consumed samples out; nothing is loaded twice
+        return self._count(super().__iter__(), skip)
+
+    def _count(self, iterator, discard: int):
+        for _ in range(discard):  # another sampler (DDP): consume what was already served
+            next(iterator, None)
+        for batch in iterator:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches_served": self._served, "epoch": getattr(self.sampler, "epoch", None)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip = int(state.get("batches_served", 0))
+        if state.get("epoch") is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(state["epoch"])
 
 
 class MemeDataModule(L.LightningDataModule):
@@ -230,7 +269,7 @@ class MemeDataModule(L.LightningDataModule):
         workers = self.hparams.num_workers
         dataset = self.datasets[role]
         sampler = EpochSeededSampler(dataset, self.hparams.shuffle_seed) if shuffle else None
-        return DataLoader(
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate,
             num_workers=workers, persistent_workers=workers > 0,
         )

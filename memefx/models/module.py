@@ -90,6 +90,19 @@ class MemeClassifier(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         return dm.split_names[stage] if dm is not None and hasattr(dm, "split_names") else stage
 
+    def on_train_start(self) -> None:
+        """Resume mid-epoch: give the training loader its checkpointed position.
+
+        ``configure_optimizers`` asks for ``estimated_stepping_batches``, which makes Lightning build the
+        training loader (and its iterator) before the checkpoint's loop state is restored, so Lightning
+        never hands the saved loader state over. Do it here and start the iterator again.
+        """
+        loop = self.trainer.fit_loop
+        if loop._combined_loader_states_to_load and loop._combined_loader is not None:
+            loop._combined_loader._load_state_dicts(loop._combined_loader_states_to_load)
+            loop._combined_loader_states_to_load = []
+            iter(loop._data_fetcher)
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # randomness of a step (dropout) depends on (seed, epoch, batch) only, not on what ran before
         # (data loader iterators, validation): a resumed run repeats an uninterrupted one

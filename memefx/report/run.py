@@ -24,7 +24,9 @@ def epoch_metrics(run_dir: Path) -> pd.DataFrame:
     files = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"{run_dir}: no metrics.csv (was the run logged with the CSV logger?)")
-    frame = pd.read_csv(files[-1])
+    # a resumed run logs into a new logger version: later files win for the epochs they repeat
+    frame = pd.concat([pd.read_csv(f).assign(_order=i) for i, f in enumerate(files)], ignore_index=True)
+    frame = frame.sort_values(["_order"], kind="stable").drop(columns="_order")
     cols = [c for c in frame.columns if c.startswith(("val/", "test/"))]
     return frame[["epoch", *cols]].dropna(how="all", subset=cols).groupby("epoch").last().reset_index()
 
