@@ -98,9 +98,12 @@ class MemeClassifier(L.LightningModule):
         never hands the saved loader state over. Do it here and start the iterator again.
         """
         loop = self.trainer.fit_loop
-        if loop._combined_loader_states_to_load and loop._combined_loader is not None:
-            loop._combined_loader._load_state_dicts(loop._combined_loader_states_to_load)
-            loop._combined_loader_states_to_load = []
+        states, loop._combined_loader_states_to_load = loop._combined_loader_states_to_load, []
+        # a state saved at the end of an epoch belongs to that epoch: the next one starts from its beginning
+        if states and loop._combined_loader is not None and all(
+            s.get("epoch") in (None, self.current_epoch) for s in states
+        ):
+            loop._combined_loader._load_state_dicts(states)
             iter(loop._data_fetcher)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
