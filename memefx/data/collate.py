@@ -104,21 +104,31 @@ class MemeCollator:
     (caption mode). Stratum ids are -1 where a meme belongs to no stratum of that kind.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_length: int = 48, caption_mode: bool = False):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_length: int = 48, caption_mode: bool = False,
+                 tags_as_pair: bool = False):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.caption_mode = caption_mode
+        self.tags_as_pair = tags_as_pair
 
     def __call__(self, items: list[dict]) -> dict:
         texts = [it["text"] for it in items]
-        pairs = [it["description"] for it in items] if self.caption_mode else None
+        pairs = None
+        if self.caption_mode:
+            pairs = [it["description"] for it in items]
+        elif self.tags_as_pair:  # OSCAR: object tags describe the picture, so they sit on the image side
+            pairs = [it["tags"] or "[UNK]" for it in items]
         batch = encode(self.tokenizer, texts, pairs, self.max_length)
         batch["ids"] = [it["id"] for it in items]
         batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
         batch["stratum_image"] = torch.tensor([it["stratum_image"] for it in items], dtype=torch.long)
         batch["stratum_text"] = torch.tensor([it["stratum_text"] for it in items], dtype=torch.long)
-        if not self.caption_mode:
+        if "pixel_values" in items[0]:
             batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+        if "regions" in items[0]:
+            from memefx.data.regions import pad_regions
+
+            batch.update(pad_regions([it["regions"] for it in items]))
         if "tags" in items[0]:
             batch["tags"] = [it["tags"] for it in items]
         return batch

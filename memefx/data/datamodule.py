@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from memefx.data.collate import MemeCollator, load_tokenizer, train_wordpiece
 from memefx.data.hmc import HMCFormatError, load_image, read_hmc
+from memefx.data.regions import check_regions, load_regions
 from memefx.data.strata import KINDS, stratum_lookup
 from memefx.data.synthetic import SyntheticConfig, write_synthetic
 from memefx.data.tables import check_confounders_cover, descriptions_for, read_captions, read_confounders
@@ -28,11 +29,13 @@ def default_cache_dir() -> Path:
 class MemeDataset(Dataset):
     """Items of one split; images are decoded lazily (they were validated at setup)."""
 
-    def __init__(self, frame: pd.DataFrame, root: Path | None, transform, descriptions: list[str] | None):
+    def __init__(self, frame: pd.DataFrame, root: Path | None, transform, descriptions: list[str] | None,
+                 regions: Path | None = None):
         self.frame = frame.reset_index(drop=True)
         self.root = root
         self.transform = transform
         self.descriptions = descriptions
+        self.regions = regions
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -47,6 +50,8 @@ class MemeDataset(Dataset):
             item["tags"] = row.tags
         if self.descriptions is not None:
             item["description"] = self.descriptions[index]
+        elif self.regions is not None:
+            item["regions"] = load_regions(self.regions, row.id)
         else:
             item["pixel_values"] = self.transform(load_image(self.root / row.img))
         return item
@@ -121,8 +126,8 @@ class MemeDataModule(L.LightningDataModule):
             table-only data (meme text from ``text_column``, image side from ``caption_column``).
         confounders: confounder table (default ``<root>/confounders.parquet`` when present).
         captions: caption table (default ``<root>/hm_captions.parquet`` when present).
-        image_side: ``pixels`` (images through the image transform) or ``caption`` (the description as
-            the second segment of a text pair).
+        image_side: ``pixels`` (images through the image transform), ``caption`` (the description as
+            the second segment of a text pair) or ``regions`` (precomputed features, see ``region_features``).
         caption_column: description variant used in caption mode.
         text_column: caption-table column used as meme text in table-only mode.
         tokenizer: local path of a fast tokenizer; ``None`` trains a WordPiece on the train texts.
@@ -130,7 +135,11 @@ class MemeDataModule(L.LightningDataModule):
         max_length: token budget of the text side (text plus description in caption mode).
         image_size: side of the square image given to the image encoder.
         pairs_only: stratum ids only for two-member strata (the reference code's restriction).
-        tags_file: parquet with ``id, tags`` (space-separated object tags) for OSCAR-style backbones.
+        tags_file: parquet with ``id, tags`` (space-separated object tags) for OSCAR-style backbones; the
+            tags become the second text segment. A relative path is looked up under ``root`` first (the
+            synthetic data ships ``truth.parquet`` with tags).
+        region_features: folder of ``<id>.npz`` region features (``image_side: regions``); relative paths
+            are looked up under ``root`` first.
         synthetic: ``SyntheticConfig`` fields for the default dataset.
         shuffle_seed: seed of the training order (a function of this seed and the epoch only).
     """
@@ -144,7 +153,7 @@ class MemeDataModule(L.LightningDataModule):
         val_split: str = "dev_seen",
         test_split: str = "test_seen",
         predict_split: str = "test_seen",
-        image_side: Literal["pixels", "caption"] = "pixels",
+        image_side: Literal["pixels", "caption", "regions"] = "pixels",
         caption_column: str = "text_captioned",
         text_column: str = "text",
         tokenizer: str | None = None,
@@ -156,6 +165,7 @@ class MemeDataModule(L.LightningDataModule):
         check_images: bool = True,
         pairs_only: bool = False,
         tags_file: str | None = None,
+        region_features: str | None = None,
         synthetic: dict | None = None,
         shuffle_seed: int = 0,
     ):
@@ -164,6 +174,10 @@ class MemeDataModule(L.LightningDataModule):
         self.tables_only = root is None and confounders is not None
         if self.tables_only and (captions is None or image_side != "caption"):
             raise ValueError("table-only data (no root) needs captions=... and image_side='caption'")
+        if tags_file and image_side == "caption":
+            raise ValueError("tags_file and image_side='caption' both fill the second text segment: choose one")
+        if (image_side == "regions") != bool(region_features):
+            raise ValueError("image_side='regions' and region_features=FOLDER go together")
         self.synthetic_config = SyntheticConfig(**(synthetic or {})) if root is None and not self.tables_only else None
         self.frames: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, MemeDataset] = {}
@@ -234,14 +248,24 @@ class MemeDataModule(L.LightningDataModule):
             for kind in KINDS:
                 frame[f"stratum_{kind.split('_')[1]}"] = frame.id.map(lookup.get(kind, {})).fillna(-1).astype(int)
             if self.hparams.tags_file:
-                tags = pd.read_parquet(self.hparams.tags_file)
+                tags = pd.read_parquet(self._under_root(self.hparams.tags_file))
                 frame["tags"] = frame.id.map(dict(zip(tags.id.astype(str).str.zfill(5), tags.tags))).fillna("")
             self.frames[split] = frame
         if self.tokenizer is None:
             self.tokenizer = self._build_tokenizer()
+        regions = self._under_root(self.hparams.region_features) if self.hparams.region_features else None
         for role in roles:
             split = self.split_names[role]
-            self.datasets[role] = MemeDataset(self.frames[split], self.root, self.transform, self._descriptions(split))
+            if regions is not None:
+                self.region_dim = check_regions(regions, self.frames[split].id.tolist())
+            self.datasets[role] = MemeDataset(self.frames[split], self.root, self.transform, self._descriptions(split),
+                                              regions)
+
+    def _under_root(self, path: str) -> Path:
+        """A relative path that exists under the data root means that one (e.g. the synthetic truth table)."""
+        if not Path(path).is_absolute() and self.root is not None and (self.root / path).exists():
+            return self.root / path
+        return Path(path)
 
     def _descriptions(self, split: str) -> list[str] | None:
         if self.hparams.image_side != "caption":
@@ -265,7 +289,8 @@ class MemeDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------- loaders
     def _loader(self, role: str, shuffle: bool) -> DataLoader:
-        collate = MemeCollator(self.tokenizer, self.hparams.max_length, self.hparams.image_side == "caption")
+        collate = MemeCollator(self.tokenizer, self.hparams.max_length, self.hparams.image_side == "caption",
+                               tags_as_pair=bool(self.hparams.tags_file))
         workers = self.hparams.num_workers
         dataset = self.datasets[role]
         sampler = EpochSeededSampler(dataset, self.hparams.shuffle_seed) if shuffle else None

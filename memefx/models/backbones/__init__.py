@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from memefx.models.backbones.base import Backbone, BackboneOutput, ImageEncoder
 from memefx.models.backbones.caption_pair import CaptionPairBackbone
+from memefx.models.backbones.single_stream import SingleStreamBackbone
 from memefx.models.backbones.visualbert import VisualBertBackbone
 
-BACKBONES: dict[str, type[Backbone]] = {"visualbert": VisualBertBackbone, "caption_pair": CaptionPairBackbone}
+BACKBONES: dict[str, type[Backbone]] = {"visualbert": VisualBertBackbone, "caption_pair": CaptionPairBackbone,
+                                     "uniter": SingleStreamBackbone, "oscar": SingleStreamBackbone}
 
 
 def register(name: str, cls: type[Backbone]) -> None:
@@ -18,7 +20,9 @@ def build_backbone(name: str, **kwargs) -> Backbone:
     """Instantiate a registered backbone; unknown names list the known ones."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+    if name == "oscar":
+        kwargs.setdefault("use_tags", True)
     return BACKBONES[name](**kwargs)
 
 
-__all__ = ["BACKBONES", "Backbone", "BackboneOutput", "CaptionPairBackbone", "ImageEncoder", "VisualBertBackbone", "build_backbone", "register"]
+__all__ = ["BACKBONES", "Backbone", "BackboneOutput", "CaptionPairBackbone", "SingleStreamBackbone", "ImageEncoder", "VisualBertBackbone", "build_backbone", "register"]

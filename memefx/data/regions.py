@@ -1,0 +1,70 @@
+"""Precomputed region features (the format HMC winners used): one ``<id>.npz`` per image with
+``features`` (N x D float) and ``boxes`` (N x 4: x1, y1, x2, y2, normalized to [0, 1], or in pixels with
+``image_w``/``image_h`` beside them). Checked from the npy headers at setup, so a wrong shape or a missing
+file stops the run with the file named, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memefx.data.hmc import HMCFormatError, _listing
+
+
+def _header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    with archive.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def check_regions(folder: str | Path, ids: list[str]) -> int:
+    """Validate every id's file; return the feature size D (the same for all files)."""
+    folder = Path(folder)
+    missing = [i for i in ids if not (folder / f"{i}.npz").is_file()]
+    if missing:
+        raise HMCFormatError(f"{folder}: {len(missing)} memes have no region file <id>.npz (ids {_listing(missing)})")
+    dims = {}
+    for i in ids:
+        path = folder / f"{i}.npz"
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = {n.removesuffix(".npy") for n in archive.namelist()}
+                if not {"features", "boxes"} <= names:
+                    raise HMCFormatError(f"{path}: needs arrays 'features' and 'boxes' (has {sorted(names)})")
+                (fshape, _), (bshape, _) = _header(archive, "features"), _header(archive, "boxes")
+        except (zipfile.BadZipFile, ValueError, OSError) as err:
+            raise HMCFormatError(f"{path}: not a readable .npz ({err})") from None
+        if len(fshape) != 2 or fshape[0] == 0 or bshape != (fshape[0], 4):
+            raise HMCFormatError(f"{path}: features {fshape} and boxes {bshape}: expected (N, D) and (N, 4), N > 0")
+        dims.setdefault(fshape[1], i)
+    if len(dims) > 1:
+        raise HMCFormatError(f"{folder}: feature sizes differ between files: {dims} (size: first id)")
+    return next(iter(dims))
+
+
+def load_regions(folder: str | Path, meme_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features N x D, boxes N x 4 normalized) of one image."""
+    with np.load(Path(folder) / f"{meme_id}.npz") as data:
+        feats = torch.from_numpy(data["features"].astype(np.float32))
+        boxes = data["boxes"].astype(np.float32)
+        if "image_w" in data and "image_h" in data:
+            boxes = boxes / np.array([data["image_w"], data["image_h"]] * 2, dtype=np.float32)
+    return feats, torch.from_numpy(boxes).clamp(0, 1)
+
+
+def pad_regions(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack variable-length regions with zero padding and a 0/1 mask."""
+    n = max(f.shape[0] for f, _ in items)
+    d = items[0][0].shape[1]
+    feats = torch.zeros(len(items), n, d)
+    boxes = torch.zeros(len(items), n, 4)
+    mask = torch.zeros(len(items), n, dtype=torch.long)
+    for k, (f, b) in enumerate(items):
+        feats[k, : len(f)], boxes[k, : len(b)], mask[k, : len(f)] = f, b, 1
+    return {"region_features": feats, "region_boxes": boxes, "region_mask": mask}
