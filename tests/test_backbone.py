@@ -36,7 +36,7 @@ def test_visualbert_contract(batch):
 
 
 def test_unknown_backbone_lists_known():
-    with pytest.raises(ValueError, match=r"unknown backbone 'nope'; known: \['caption_pair', 'visualbert'\]"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'nope'; known: \['caption_pair', 'oscar', 'uniter', 'visualbert'\]"):
         build_backbone("nope")
 
 
