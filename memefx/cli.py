@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from memefx.data.datamodule import MemeDataModule
 from memefx.models.module import MemeClassifier
 
-TOOLS = ("synth", "strata", "report")
+TOOLS = ("synth", "strata", "report", "regions")
 REPORTED = ("auroc", "acc", "loss", "miate_shared_image", "miate_shared_text")
 
 
@@ -204,12 +204,24 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
+def _regions(argv: list[str]) -> int:
+    from memefx.data.regions import convert_tsv
+
+    p = argparse.ArgumentParser(prog="memefx regions", description="Convert a bottom-up-attention TSV of region "
+                                "features into the <id>.npz files that data.region_features reads.")
+    p.add_argument("--tsv", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    print(f"wrote {convert_tsv(a.tsv, a.out)} region files to {a.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``memefx`` console script."""
     given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
-        return {"synth": _synth, "strata": _strata, "report": _report}[argv[0]](argv[1:])
+        return {"synth": _synth, "strata": _strata, "report": _report, "regions": _regions}[argv[0]](argv[1:])
     MemeCLI(
         MemeClassifier, MemeDataModule, args=given, save_config_callback=RunDirConfig,
         parser_kwargs={"parser_mode": "omegaconf"}, seed_everything_default=0,

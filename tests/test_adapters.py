@@ -94,3 +94,28 @@ def test_region_files_missing_or_misshapen(tiny_root, tmp_path):
     np.savez(tmp_path / "r" / f"{ids[0]}.npz", features=np.zeros((3, 8)), boxes=np.zeros((3, 4)))
     with pytest.raises(HMCFormatError, match="feature sizes differ"):
         MemeDataModule(root=str(tiny_root), image_side="regions", region_features=str(tmp_path / "r")).setup("validate")
+
+
+def test_bottom_up_tsv_converts_to_region_files(tmp_path):
+    import base64
+
+    from memefx.data.regions import check_regions, load_regions
+
+    def b64(a):
+        return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for meme_id, n in (("01456", 3), ("42953", 5)):
+        boxes = np.array([[10, 20, 110, 220]] * n, dtype=np.float32)
+        feats = rng.normal(size=(n, 8)).astype(np.float32)
+        rows.append("\t".join([meme_id, "400", "200", b64(np.arange(n, dtype=np.int64)), b64(np.ones(n, np.float32)),
+                               b64(np.zeros(n, np.int64)), b64(np.ones(n, np.float32)), str(n), b64(boxes), b64(feats)]))
+    (tmp_path / "feats.tsv").write_text("\n".join(rows) + "\n")
+    assert main(["regions", "--tsv", str(tmp_path / "feats.tsv"), "--out", str(tmp_path / "npz")]) == 0
+    assert check_regions(tmp_path / "npz", ["01456", "42953"]) == 8
+    feats, boxes = load_regions(tmp_path / "npz", "42953")
+    assert feats.shape == (5, 8) and torch.allclose(boxes[0], torch.tensor([0.05, 0.05, 0.55, 0.55]))
+    (tmp_path / "bad.tsv").write_text(rows[0].replace("\t3\t", "\t4\t") + "\n")
+    with pytest.raises(HMCFormatError, match=r"bad\.tsv:1: malformed region row"):
+        main(["regions", "--tsv", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "npz2")])

@@ -68,3 +68,41 @@ def pad_regions(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tor
     for k, (f, b) in enumerate(items):
         feats[k, : len(f)], boxes[k, : len(b)], mask[k, : len(f)] = f, b, 1
     return {"region_features": feats, "region_boxes": boxes, "region_mask": mask}
+
+
+TSV_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes",
+              "boxes", "features")
+
+
+def convert_tsv(tsv: str | Path, out: str | Path) -> int:
+    """Convert the bottom-up-attention TSV used by HMC solutions (LXMERT/UNITER layout: base64 float32
+    ``boxes`` N x 4 in pixels and ``features`` N x D, with ``img_h``/``img_w``) into ``<id>.npz`` files.
+
+    Returns the number of images written; a malformed line stops with its line number and field.
+    """
+    import base64
+    import csv
+    import sys
+
+    from memefx.data.hmc import normalize_id
+
+    tsv, out = Path(tsv), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv.field_size_limit(sys.maxsize)
+    count = 0
+    with open(tsv, newline="") as f:
+        for line_no, row in enumerate(csv.DictReader(f, fieldnames=TSV_FIELDS, delimiter="\t"), start=1):
+            where = f"{tsv}:{line_no}"
+            try:
+                n = int(row["num_boxes"])
+                boxes = np.frombuffer(base64.b64decode(row["boxes"]), dtype=np.float32).reshape(n, 4)
+                feats = np.frombuffer(base64.b64decode(row["features"]), dtype=np.float32).reshape(n, -1)
+                objects = np.frombuffer(base64.b64decode(row["objects_id"]), dtype=np.int64).reshape(n)
+                height, width = float(row["img_h"]), float(row["img_w"])
+            except (TypeError, ValueError, KeyError) as err:
+                raise HMCFormatError(f"{where}: malformed region row ({type(err).__name__}: {err})") from None
+            meme_id = normalize_id(row["img_id"].split("/")[-1].split(".")[0], where)
+            np.savez(out / f"{meme_id}.npz", features=feats, boxes=boxes, image_w=width, image_h=height,
+                     objects_id=objects)
+            count += 1
+    return count
