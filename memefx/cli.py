@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from memefx.data.datamodule import MemeDataModule
 from memefx.models.module import MemeClassifier
 
-TOOLS = ("synth", "strata", "report", "regions")
+TOOLS = ("synth", "strata", "report", "regions", "icl")
 REPORTED = ("auroc", "acc", "loss", "miate_shared_image", "miate_shared_text")
 
 
@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``memefx`` console script."""
     given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "icl":
+        from memefx.icl.cli import main as icl_main
+
+        return icl_main(argv[1:])
     if argv and argv[0] in TOOLS:
         return {"synth": _synth, "strata": _strata, "report": _report, "regions": _regions}[argv[0]](argv[1:])
     MemeCLI(
