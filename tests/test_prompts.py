@@ -1,0 +1,45 @@
+"""Prompt layout against the published prompts, and the seeded demonstration sampler."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from memefx.icl.parse import pairs_in_prompt
+from memefx.icl.prompts import Member, gold_answer, pair_prompt, parse_prompt, render, sample_demonstrations
+from tests.conftest import shared_file
+
+
+def test_every_published_prompt_round_trips():
+    prompts = pd.read_csv(shared_file("llm_answers.csv"))[["prompt", "few_shot_num"]].drop_duplicates("prompt")
+    assert len(prompts) > 200
+    for prompt, shots in zip(prompts.prompt, prompts.few_shot_num):
+        blocks = parse_prompt(prompt)
+        assert len(blocks) == shots + 1  # k demonstrations, then the target
+        assert blocks[-1].answer is None and all(b.answer for b in blocks[:-1])
+        assert render(blocks) == prompt
+        assert pairs_in_prompt(prompt) == len(blocks[-1].members)
+
+
+def test_builder_writes_the_published_layout():
+    demo = [Member("can you smell it", "a camp", 1), Member("never forget", "a camp", 0)]
+    target = [Member("a caption with an image word", "an image", -1), Member("b", "c", -1)]
+    prompt = pair_prompt(target, [demo])
+    assert prompt == (
+        "User: Out of image-caption pairs #0 to #1, select the most likely hateful or sarcastic pair, together with "
+        "potential label (hateful or sarcastic). If all pairs are benign, say 'All pairs are benign'.\n"
+        "#0: caption: 'can you smell it', image: 'a camp'\n#1: caption: 'never forget', image: 'a camp'\nSystem:\n\n"
+        "The most likely hateful or sarcastic pair is #0, with the potential label 'hateful'.\n\nUser:\n"
+        "#0: caption: 'a text with an picture word', image: 'an picture'\n#1: caption: 'b', image: 'c'\nSystem:")
+    assert gold_answer([Member("x", "y", 0)]) == "All pairs are benign."
+
+
+def test_sampler_is_seeded_excludes_target_and_respects_budget():
+    pool = [f"{i:05d}" for i in range(50)]
+    a = sample_demonstrations(pool, "00007", 4, seed=1)
+    assert a == sample_demonstrations(pool, "00007", 4, seed=1) and "00007" not in a and len(set(a)) == 4
+    assert a != sample_demonstrations(pool, "00007", 4, seed=2)
+    fitted = sample_demonstrations(pool, "00007", 4, seed=1, cost=lambda s: 100, budget=350)
+    assert fitted == a[:2]
+    with pytest.raises(ValueError, match="only 49 other strata"):
+        sample_demonstrations(pool, "00007", 50, seed=0)
