@@ -152,11 +152,11 @@ def _run_confounders(run_dir: Path) -> Path | None:
     config = run_dir / "config.yaml"
     if not config.is_file():
         return None
+    import inspect
+
     data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-    try:
-        dm = MemeDataModule(**data)
-    except TypeError:
-        return None
+    known = inspect.signature(MemeDataModule).parameters
+    dm = MemeDataModule(**{k: v for k, v in data.items() if k in known})  # runs of older versions too
     return dm._table(dm.hparams.confounders, "confounders.parquet")
 
 
@@ -220,7 +220,8 @@ def write_report(run_dir: str | Path) -> Path:
         if evals:
             (stage, epoch), last = max(evals, key=lambda kv: (kv[0][0] == "val", kv[0][1]))
             plots.append(plot_midas_heatmap(last, out))
-            match = [m for m in miates if m.get("stage") == stage]
+            # the miATE of the same stage; a lone miATE file is unambiguous (val and test on one split)
+            match = [m for m in miates if m.get("stage") == stage] or (miates if len(miates) == 1 else [])
             analysis = stratum_analysis(run_dir, last, match[0]) if match else None
             if analysis:
                 md += [f"Predicting miATE_g >= 0.5 from stratum MIDAS features ({last.name}, "
