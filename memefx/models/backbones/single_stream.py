@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModel, BertConfig, BertModel
 
 from memefx.data.collate import IMAGE, PAD
 from memefx.models.backbones.base import Backbone, BackboneOutput, ImageEncoder
+from memefx.models.backbones.caption_pair import bert_encoder
 
 
 def box_features(boxes: torch.Tensor) -> torch.Tensor:
@@ -67,18 +67,8 @@ class SingleStreamBackbone(Backbone):
         super().__init__()
         if visual not in ("pixels", "regions"):
             raise ValueError(f"visual={visual!r}: expected 'pixels' or 'regions'")
-        if pretrained:
-            from memefx.models.backbones.caption_pair import minilm_path
-
-            path = minilm_path() if pretrained == "minilm" else pretrained
-            self.encoder = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
-            self.encoder.train()
-        else:
-            self.encoder = BertModel(BertConfig(
-                vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                num_attention_heads=num_heads, intermediate_size=intermediate_size, max_position_embeddings=max_position,
-                hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, attn_implementation="eager",
-            ), add_pooling_layer=False)
+        self.encoder = bert_encoder(pretrained, vocab_size, hidden_size, num_layers, num_heads, intermediate_size,
+                                    max_position, dropout)
         cfg = self.encoder.config
         self.num_layers, self.num_heads, self.vocab_size = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size
         self.visual, self.use_tags = visual, use_tags
@@ -91,7 +81,7 @@ class SingleStreamBackbone(Backbone):
         self.box_proj = nn.Sequential(nn.Linear(7, cfg.hidden_size), nn.LayerNorm(cfg.hidden_size))
         self.head = nn.Sequential(nn.Dropout(cfg.hidden_dropout_prob), nn.Linear(cfg.hidden_size, 2))
 
-    def _visual_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _visual_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.visual == "pixels":
             feats = self.image_encoder(batch["pixel_values"])
             boxes = grid_boxes(feats.shape[1], feats.device).expand(feats.shape[0], -1, -1)
@@ -100,12 +90,12 @@ class SingleStreamBackbone(Backbone):
             if "region_features" not in batch:
                 raise ValueError("visual='regions' needs region features: set data.region_features to their folder")
             feats, boxes, mask = batch["region_features"], batch["region_boxes"], batch["region_mask"]
-        return self.feature_proj(feats) + self.box_proj(box_features(boxes)), mask, feats
+        return self.feature_proj(feats) + self.box_proj(box_features(boxes)), mask
 
     def forward(self, batch: dict, output_attentions: bool = False) -> BackboneOutput:
         if self.use_tags and not (batch["segments"] == IMAGE).any():
             raise ValueError("use_tags=True but the batch has no tag segment: set data.tags_file")
-        visual, visual_mask, _ = self._visual_tokens(batch)
+        visual, visual_mask = self._visual_tokens(batch)
         words = self.encoder.embeddings.word_embeddings(batch["input_ids"])
         b, t = batch["input_ids"].shape
         n = visual.shape[1]
