@@ -1,4 +1,4 @@
-"""``memefx icl parse|table``: answer parsing and the per-shot table (the engine subcommands are open work)."""
+"""``memefx icl run|parse|table``: the LLM engine, answer parsing and the per-shot table."""
 
 from __future__ import annotations
 
@@ -16,6 +16,32 @@ def _read(path: str) -> pd.DataFrame:
     return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
 
 
+def _run(a) -> int:
+    import os
+
+    import torch
+
+    from memefx.icl.engine import EngineConfig, run
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    cfg = EngineConfig(model=a.model, dtype=a.dtype, quantize=a.quantize, batch_size=a.batch_size,
+                       max_new_tokens=a.max_new_tokens, do_sample=a.sample, seed=a.seed)
+    try:
+        merged = run(_read(a.prompts), cfg, a.cache, a.mode, rank=rank, world_size=world)
+        if merged is not None:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            merged.to_parquet(a.out, index=False)
+            print(f"memefx icl run: {len(merged)} rows -> {a.out}")
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str]) -> int:
     from memefx.icl.metrics import shot_table
     from memefx.icl.parse import parse_table
@@ -30,7 +56,21 @@ def main(argv: list[str]) -> int:
     table.add_argument("--answers", required=True)
     table.add_argument("--parsed", action="store_true", help="score the parsed_is_* columns (parsing first if absent)")
     table.add_argument("--json", action="store_true")
+    run = sub.add_parser("run", help="generate or score every prompt (resumable; torchrun shards by rank)")
+    run.add_argument("--prompts", required=True, help="table with a 'prompt' column")
+    run.add_argument("--model", required=True, help="local folder of a causal LM (or a cached hub id)")
+    run.add_argument("--mode", choices=["generate", "score"], default="generate")
+    run.add_argument("--cache", required=True, help="folder of per-rank result shards")
+    run.add_argument("--out", required=True, help="merged table (.parquet)")
+    run.add_argument("--quantize", choices=["nf4", "int8"], default=None)
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
+    run.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.command == "run":
+        return _run(a)
     answers = _read(a.answers)
     if a.command == "parse":
         out = parse_table(answers, a.column)
