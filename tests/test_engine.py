@@ -18,17 +18,26 @@ from memefx.icl.prompts import Member, meme_prompt, pair_prompt
 WORDS = "user system caption image picture text hateful benign sarcastic pair pairs all are the most likely is with label"
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llama")
+def _save_llama(folder, hidden: int) -> str:
     tok = train_wordpiece([WORDS, "out of image caption pairs select say", "#0 #1 #2 : ' ,"] * 3, 300)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return _save_llama(tmp_path_factory.mktemp("tiny_llama"), 32)
+
+
+@pytest.fixture(scope="module")
+def quant_llama(tmp_path_factory):
+    """bitsandbytes' 4-bit blocks need rows of at least 64 values."""
+    return _save_llama(tmp_path_factory.mktemp("quant_llama"), 64)
 
 
 def _prompts(n=7):
@@ -91,3 +100,18 @@ def test_torchrun_two_processes_equal_one(tiny_llama, tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "c2").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "two.parquet"))
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantized_weights_load_and_run_on_cpu(quant_llama, quantize):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    full = EngineConfig(model=quant_llama, max_new_tokens=3)
+    quant = EngineConfig(model=quant_llama, max_new_tokens=3, quantize=quantize)
+    (m, t), (mq, tq) = load(full), load(quant)
+    assert "bit" in type(mq.model.layers[0].mlp.up_proj).__name__.lower()  # Linear4bit / Linear8bitLt
+    prompts = _prompts(3).prompt.tolist()
+    ref, got = score(m, t, prompts, (" benign", " hateful")), score(mq, tq, prompts, (" benign", " hateful"))
+    for a, b in zip(ref, got):
+        assert b == pytest.approx(a, abs=0.5)  # quantization error, not a different model
+    assert len(generate(mq, tq, prompts, quant, ["0" * 12] * 3)) == 3
