@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,6 +16,7 @@ from memefx.data.collate import train_wordpiece
 from memefx.icl.engine import EngineConfig, generate, load, run, score
 from memefx.icl.prompts import Member, meme_prompt, pair_prompt
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = "user system caption image picture text hateful benign sarcastic pair pairs all are the most likely is with label"
 
 
@@ -115,3 +117,30 @@ def test_quantized_weights_load_and_run_on_cpu(quant_llama, quantize):
     for a, b in zip(ref, got):
         assert b == pytest.approx(a, abs=0.5)  # quantization error, not a different model
     assert len(generate(mq, tq, prompts, quant, ["0" * 12] * 3)) == 3
+
+
+def test_icl_configs_fill_run_options(tiny_llama, tmp_path):
+    import yaml
+
+    from memefx.cli import main
+
+    for path in sorted((ROOT / "configs" / "icl").glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        assert values["quantize"] == "nf4" and values["model"].startswith("meta-llama/Llama-2-")
+    prompts = tmp_path / "p.parquet"
+    _prompts(2).to_parquet(prompts)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": tiny_llama, "max_new_tokens": 2, "batch_size": 1}))
+    assert main(["icl", "run", "--config", str(config), "--prompts", str(prompts), "--cache", str(tmp_path / "c"),
+                 "--out", str(tmp_path / "o.parquet")]) == 0
+    assert pd.read_parquet(tmp_path / "o.parquet").generated_text.notna().all()
+
+
+def test_gpu_check_script_runs_on_cpu_with_a_tiny_model():
+    pytest.importorskip("bitsandbytes")
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--shape", "tiny", "--score-batch", "2",
+                           "--score-batches", "1", "--gen-batch", "2", "--new-tokens", "4", "--prompt-tokens", "32",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "score_prompts_per_s=" in done.stdout and done.stdout.count("generate_s_per_prompt=") == 2

@@ -57,8 +57,9 @@ def main(argv: list[str]) -> int:
     table.add_argument("--parsed", action="store_true", help="score the parsed_is_* columns (parsing first if absent)")
     table.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="generate or score every prompt (resumable; torchrun shards by rank)")
+    run.add_argument("--config", default=None, help="YAML of these options (configs/icl/*.yaml); flags override")
     run.add_argument("--prompts", required=True, help="table with a 'prompt' column")
-    run.add_argument("--model", required=True, help="local folder of a causal LM (or a cached hub id)")
+    run.add_argument("--model", default=None, help="local folder of a causal LM (or a cached hub id)")
     run.add_argument("--mode", choices=["generate", "score"], default="generate")
     run.add_argument("--cache", required=True, help="folder of per-rank result shards")
     run.add_argument("--out", required=True, help="merged table (.parquet)")
@@ -70,6 +71,17 @@ def main(argv: list[str]) -> int:
     run.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.command == "run":
+        if a.config:
+            import yaml
+
+            values = yaml.safe_load(Path(a.config).read_text()) or {}
+            unknown = sorted(set(values) - set(vars(a)))
+            if unknown:
+                raise SystemExit(f"memefx icl run: {a.config}: unknown options {unknown}")
+            run.set_defaults(**values)
+            a = p.parse_args(argv)
+        if not a.model:
+            raise SystemExit("memefx icl run: --model (or model: in --config) is required")
         return _run(a)
     answers = _read(a.answers)
     if a.command == "parse":
