@@ -43,3 +43,25 @@ def test_sampler_is_seeded_excludes_target_and_respects_budget():
     assert fitted == a[:2]
     with pytest.raises(ValueError, match="only 49 other strata"):
         sample_demonstrations(pool, "00007", 50, seed=0)
+
+
+def test_prompt_table_from_real_strata(tmp_path, capsys):
+    import json
+
+    from memefx.cli import main
+
+    conf, caps = shared_file("confounders.parquet"), shared_file("hm_captions.parquet")
+    with pytest.warns(UserWarning, match="duplicate rows"):
+        assert main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--split", "dev_seen",
+                     "--shots", "0,2", "--out", str(tmp_path / "p.parquet")]) == 0
+    table = pd.read_parquet(tmp_path / "p.parquet")
+    assert table.group.nunique() == 84 and set(table.few_shot_num) == {0, 2}  # dev_seen shared_image strata
+    for row in table.itertuples():
+        blocks = parse_prompt(row.prompt)
+        assert len(blocks) == row.few_shot_num + 1 and render(blocks) == row.prompt
+        assert row.group not in json.loads(row.demonstrations)
+        labels = json.loads(row.gold_labels)
+        assert 1 in labels and 0 in labels and len(blocks[-1].members) == len(labels)
+    again = tmp_path / "q.parquet"
+    main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--shots", "0,2", "--out", str(again)])
+    pd.testing.assert_frame_equal(table, pd.read_parquet(again))  # seeded

@@ -42,6 +42,28 @@ def _run(a) -> int:
     return 0
 
 
+def _prompts(a) -> int:
+    from memefx.data.strata import strata_members
+    from memefx.data.tables import read_captions, read_confounders
+    from memefx.icl.prompts import build_prompt_table
+
+    members = strata_members(read_confounders(a.confounders))
+    members = members[(members.split == a.split) & (members.kind == a.kind)]
+    if members.empty:
+        raise SystemExit(f"memefx icl prompts: no {a.kind} strata in split {a.split!r}")
+    captions = read_captions(a.captions)
+    texts = dict(zip(captions.image_id, captions[a.text_column]))
+    descriptions = dict(zip(captions.image_id, captions[a.description_column]))
+    missing = sorted(set(members.id) - set(texts))
+    if missing:
+        raise SystemExit(f"memefx icl prompts: {len(missing)} stratum members have no caption row: {missing[:10]}")
+    table = build_prompt_table(members, texts, descriptions, [int(k) for k in a.shots.split(",")], a.seed)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(a.out, index=False)
+    print(f"memefx icl prompts: {len(table)} prompts for {table.group.nunique()} strata -> {a.out}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     from memefx.icl.metrics import shot_table
     from memefx.icl.parse import parse_table
@@ -69,7 +91,19 @@ def main(argv: list[str]) -> int:
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
     run.add_argument("--seed", type=int, default=0)
+    prompts = sub.add_parser("prompts", help="pair-selection prompts for every stratum of a split, k = 0..4 shots")
+    prompts.add_argument("--confounders", required=True)
+    prompts.add_argument("--captions", required=True)
+    prompts.add_argument("--split", default="dev_seen")
+    prompts.add_argument("--kind", choices=["shared_image", "shared_text"], default="shared_image")
+    prompts.add_argument("--shots", default="0,1,2,3,4")
+    prompts.add_argument("--seed", type=int, default=0)
+    prompts.add_argument("--text-column", default="text", help="caption-table column standing in for the meme text")
+    prompts.add_argument("--description-column", default="text_captioned")
+    prompts.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    if a.command == "prompts":
+        return _prompts(a)
     if a.command == "run":
         if a.config:
             import yaml

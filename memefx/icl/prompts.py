@@ -24,6 +24,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import pandas as pd
+
 INSTRUCTION = ("Out of image-caption pairs #0 to #{last}, select the most likely hateful or sarcastic pair, together "
                "with potential label (hateful or sarcastic). If all pairs are benign, say 'All pairs are benign'.")
 BENIGN_ANSWER = "All pairs are benign."
@@ -117,3 +119,36 @@ def sample_demonstrations(pool: Sequence[str], target: str, k: int, seed: int,
         while chosen and sum(cost(s) for s in chosen) + cost(target) > budget:
             chosen.pop()
     return chosen
+
+
+def build_prompt_table(members: pd.DataFrame, texts: dict[str, str], descriptions: dict[str, str],
+                       shots: Sequence[int] = (0, 1, 2, 3, 4), seed: int = 0, budget: int | None = None,
+                       cost: Callable[[str], int] | None = None) -> pd.DataFrame:
+    """One pair-selection prompt per (stratum, shot count).
+
+    ``members``: rows of one split and kind from ``strata_members`` (id, anchor, label). Demonstrations are
+    other strata of the same table, drawn per target by ``sample_demonstrations``; with a ``budget``,
+    ``cost`` measures a rendered prompt (e.g. its token count) and demonstrations are dropped until it fits.
+    """
+    import json
+
+    groups = {a: rows.sort_values("id") for a, rows in members.groupby("anchor")}
+
+    def as_members(anchor: str) -> list[Member]:
+        rows = groups[anchor]
+        return [Member(texts[i], descriptions[i], int(lab)) for i, lab in zip(rows.id, rows.label)]
+
+    out = []
+    for anchor in sorted(groups):
+        target = as_members(anchor)
+        for k in shots:
+            demos = sample_demonstrations(list(groups), anchor, k, seed)
+            prompt = pair_prompt(target, [as_members(d) for d in demos])
+            while budget is not None and cost is not None and demos and cost(prompt) > budget:
+                demos = demos[:-1]
+                prompt = pair_prompt(target, [as_members(d) for d in demos])
+            out.append({"group": anchor, "few_shot_num": len(demos), "requested_shots": k, "prompt": prompt,
+                        "member_ids": json.dumps(groups[anchor].id.tolist()),
+                        "gold_labels": json.dumps([m.label for m in target]), "demonstrations": json.dumps(demos),
+                        "gold_answer": gold_answer(target)})
+    return pd.DataFrame(out)
