@@ -240,7 +240,7 @@ class MemeDataModule(L.LightningDataModule):
         names = sorted({self.split_names[r] for r in roles} | {self.hparams.train_split})
         frames = self._load([n for n in names if n not in self.frames])
         conf_path = self._table(self.hparams.confounders, "confounders.parquet")
-        conf = read_confounders(conf_path) if conf_path else None
+        conf = read_confounders(conf_path) if conf_path and frames else None  # only for newly loaded splits
         for split, frame in frames.items():
             if conf is not None and not self.tables_only:
                 check_confounders_cover(conf, frame, conf_path)
@@ -273,8 +273,9 @@ class MemeDataModule(L.LightningDataModule):
         path = self._table(self.hparams.captions, "hm_captions.parquet")
         if path is None:
             raise HMCFormatError(f"caption mode needs a caption table: none given and none in {self.root}")
-        caps = read_captions(path)
-        return descriptions_for(caps, self.frames[split].id.tolist(), self.hparams.caption_column, path)
+        if getattr(self, "_captions", None) is None:
+            self._captions = read_captions(path)  # read once: every split and the tokenizer use it
+        return descriptions_for(self._captions, self.frames[split].id.tolist(), self.hparams.caption_column, path)
 
     def _build_tokenizer(self):
         if self.hparams.tokenizer:
