@@ -1,4 +1,4 @@
-"""``memefx icl run|parse|table``: the LLM engine, answer parsing and the per-shot table."""
+"""``memefx icl describe|prompts|run|parse|table``: descriptions, prompts, the LLM engine, parsing, tables."""
 
 from __future__ import annotations
 
@@ -101,7 +101,26 @@ def main(argv: list[str]) -> int:
     prompts.add_argument("--text-column", default="text", help="caption-table column standing in for the meme text")
     prompts.add_argument("--description-column", default="text_captioned")
     prompts.add_argument("--out", required=True)
+    desc = sub.add_parser("describe", help="BLIP-2 descriptions of an HMC folder's images (caption-table schema)")
+    desc.add_argument("--root", required=True, help="HMC-layout folder")
+    desc.add_argument("--splits", default="train,dev_seen,test_seen")
+    desc.add_argument("--model", required=True, help="local folder of a Blip2ForConditionalGeneration")
+    desc.add_argument("--cache", required=True)
+    desc.add_argument("--out", required=True, help="hm_captions.parquet")
+    desc.add_argument("--batch-size", type=int, default=8)
+    desc.add_argument("--max-new-tokens", type=int, default=40)
     a = p.parse_args(argv)
+    if a.command == "describe":
+        from memefx.data.hmc import read_hmc
+        from memefx.icl.captions import describe
+
+        frames = read_hmc(a.root, a.splits.split(","))
+        memes = pd.concat(frames.values()).drop_duplicates("id")
+        table = describe(memes, a.root, a.model, a.cache, a.batch_size, a.max_new_tokens)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(a.out, index=False)
+        print(f"memefx icl describe: {len(table)} images -> {a.out}")
+        return 0
     if a.command == "prompts":
         return _prompts(a)
     if a.command == "run":
