@@ -65,3 +65,23 @@ def test_prompt_table_from_real_strata(tmp_path, capsys):
     again = tmp_path / "q.parquet"
     main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--shots", "0,2", "--out", str(again)])
     pd.testing.assert_frame_equal(table, pd.read_parquet(again))  # seeded
+
+
+def test_budget_drops_demonstrations_and_per_meme_prompts(tmp_path):
+    from memefx.cli import main
+    from memefx.data.collate import train_wordpiece
+
+    conf, caps = shared_file("confounders.parquet"), shared_file("hm_captions.parquet")
+    tok = train_wordpiece(pd.read_parquet(caps).text.head(500).tolist(), 2000)
+    tok.save_pretrained(tmp_path / "tok")
+    with pytest.warns(UserWarning):
+        main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--shots", "4", "--budget", "400",
+              "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "b.parquet")])
+    table = pd.read_parquet(tmp_path / "b.parquet")
+    lengths = table.prompt.map(lambda p: len(tok(p)["input_ids"]))
+    assert ((lengths <= 400) | (table.few_shot_num == 0)).all() and (table.few_shot_num < 4).any()
+    with pytest.warns(UserWarning):
+        main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--per-meme",
+              "--out", str(tmp_path / "m.parquet")])
+    memes = pd.read_parquet(tmp_path / "m.parquet")
+    assert memes.id.is_unique and set(memes.label) == {0, 1} and memes.prompt.str.endswith("\nSystem:").all()

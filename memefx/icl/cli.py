@@ -57,7 +57,26 @@ def _prompts(a) -> int:
     missing = sorted(set(members.id) - set(texts))
     if missing:
         raise SystemExit(f"memefx icl prompts: {len(missing)} stratum members have no caption row: {missing[:10]}")
-    table = build_prompt_table(members, texts, descriptions, [int(k) for k in a.shots.split(",")], a.seed)
+    if a.per_meme:
+        from memefx.icl.prompts import meme_prompt
+
+        rows = members.drop_duplicates("id")
+        table = pd.DataFrame({"id": rows.id.values, "group": rows.anchor.values, "label": rows.label.values,
+                              "prompt": [meme_prompt(texts[i], descriptions[i])[0] for i in rows.id]})
+    else:
+        cost = None
+        if a.budget is not None:
+            if not a.tokenizer:
+                raise SystemExit("memefx icl prompts: --budget needs --tokenizer")
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(a.tokenizer, local_files_only=True)
+
+            def cost(prompt: str) -> int:
+                return len(tok(prompt)["input_ids"])
+
+        table = build_prompt_table(members, texts, descriptions, [int(k) for k in a.shots.split(",")], a.seed,
+                                   a.budget, cost)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(a.out, index=False)
     print(f"memefx icl prompts: {len(table)} prompts for {table.group.nunique()} strata -> {a.out}")
@@ -100,6 +119,9 @@ def main(argv: list[str]) -> int:
     prompts.add_argument("--seed", type=int, default=0)
     prompts.add_argument("--text-column", default="text", help="caption-table column standing in for the meme text")
     prompts.add_argument("--description-column", default="text_captioned")
+    prompts.add_argument("--budget", type=int, default=None, help="token budget per prompt (needs --tokenizer)")
+    prompts.add_argument("--tokenizer", default=None, help="local tokenizer folder measuring the budget")
+    prompts.add_argument("--per-meme", action="store_true", help="one per-meme prompt per stratum member instead")
     prompts.add_argument("--out", required=True)
     desc = sub.add_parser("describe", help="BLIP-2 descriptions of an HMC folder's images (caption-table schema)")
     desc.add_argument("--root", required=True, help="HMC-layout folder")

@@ -160,7 +160,11 @@ def run(prompts: pd.DataFrame, cfg: EngineConfig, cache: str | Path, mode: Liter
     mine = [k for k in unique if k not in done][rank::world_size][:limit]
     if mine and model is None:
         model, tok = load(cfg)
-    for start in range(0, len(mine), cfg.batch_size):
+    from rich.progress import track
+
+    starts = range(0, len(mine), cfg.batch_size)
+    for start in track(starts, description=f"rank {rank}: {mode} {len(mine)} prompts", disable=not mine,
+                       transient=True):
         batch_keys = mine[start:start + cfg.batch_size]
         texts = [prompts.prompt.iloc[first[k]] for k in batch_keys]
         if mode == "generate":
