@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 
 from memefx.icl.metagrad import CAPTION, IMAGE, OTHER, attention_mass, dual_form, span_labels, target_spans
@@ -55,3 +56,48 @@ def test_spans_on_real_prompts_match_their_pair_texts():
         assert (labels == CAPTION).sum() > 0 and (labels == IMAGE).sum() > 0
         assert labels[: len(tok(prompt[: prompt.rfind("User:")], add_special_tokens=False)["input_ids"])].eq(OTHER).all()
     assert checked >= 100  # 25 prompts, both fields of every target pair
+
+
+def _tiny_llama(tmp_path):
+    from tests.test_engine import _save_llama
+
+    return _save_llama(tmp_path / "llama", 32)
+
+
+def test_hook_features_equal_an_unhooked_computation(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memefx.icl.metagrad_features import prompt_features
+
+    path = _tiny_llama(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompt = pd.read_csv(shared_file("llm_answers.csv")).query("few_shot_num == 1").prompt.iloc[0]
+    feats = prompt_features(model, tok, prompt)
+    enc = tok(prompt, return_offsets_mapping=True, add_special_tokens=False, return_tensors="pt")
+    offsets = [tuple(x) for x in enc.pop("offset_mapping")[0].tolist()]
+    labels = span_labels(len(offsets), target_spans(prompt, offsets))
+    with torch.no_grad():
+        maps = model(input_ids=enc["input_ids"], output_attentions=True).attentions  # every L x L map, kept
+    for layer, att in enumerate(maps):
+        mass = attention_mass(att[0].float(), labels)
+        for h in range(att.shape[1]):
+            assert feats[f"L{layer}_H{h}_cross"] == pytest.approx(float(mass["cross"][h]), abs=1e-6)
+    assert feats["L1_H0_dual_demo_text"] > 0  # a one-shot prompt has demonstration keys
+
+
+def test_metagrad_cli_end_to_end_on_tiny_llama(tmp_path):
+    from memefx.cli import main
+
+    path = _tiny_llama(tmp_path)
+    answers = shared_file("llm_answers.csv")
+    assert main(["icl", "metagrad", "--answers", str(answers), "--model", path, "--out", str(tmp_path / "mg"),
+                 "--max-groups", "12"]) == 0
+    features = pd.read_parquet(tmp_path / "mg" / "features.parquet")
+    assert features.groupby("image_id").few_shot_num.nunique().max() > 1
+    assert {"L0_H0_caption_caption_zs", "L1_H3_cross_delta", "L0_H0_dual_demo_answer"} <= set(features.columns)
+    zero = features[features.few_shot_num == 0]
+    assert (zero.filter(like="_delta") == 0).all().all()  # zero-shot rows have no delta
+    report = (tmp_path / "mg" / "report.md").read_text()
+    assert "is_functional" in report and "grouped AUC" in report
+    assert "importance.png" in report and (tmp_path / "mg" / "importance.png").stat().st_size > 1000

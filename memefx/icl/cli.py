@@ -83,6 +83,65 @@ def _prompts(a) -> int:
     return 0
 
 
+def _importance_plot(result: dict, path: Path) -> Path | None:
+    """Bar chart of the top feature groups (kind | zero-shot, delta or dual | layer) per outcome."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, r["importance"]) for name, r in result["outcomes"].items() if "importance" in r]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (name, importance) in zip(axes[0], panels):
+        top = list(importance.items())[:10][::-1]
+        ax.barh([k for k, _ in top], [v for _, v in top])
+        ax.set(title=f"{name}: |standardized coefficient|", xlabel="sum over heads")
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _metagrad(a) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memefx.icl.metagrad_analysis import analyse
+    from memefx.icl.metagrad_features import features_table
+
+    answers = _read(a.answers)
+    if a.max_groups:
+        answers = answers[answers.image_id.isin(answers.image_id.drop_duplicates().head(a.max_groups))]
+    model = AutoModelForCausalLM.from_pretrained(a.model, local_files_only=True, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(a.model, local_files_only=True)
+    layers = [int(x) for x in a.layers.split(",")] if a.layers else None
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    features = features_table(answers, model, tok, layers)
+    features.to_parquet(out / "features.parquet", index=False)
+    result = analyse(features, answers)
+    (out / "analysis.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# meta-gradient analysis ({result['rows']} answer rows, {result['groups']} groups, "
+             f"{result['features']} features)", "",
+             "| outcome | positive | grouped AUC [95% CI] | row split (leaky) AUC | top features |", "|---|---:|---|---|---|"]
+    for name, r in result["outcomes"].items():
+        if "grouped" not in r:
+            lines.append(f"| {name} | {r['positive']} | {r.get('note', '')} | | |")
+            continue
+        g, leak = r["grouped"], r["row_split_leaky"]
+        top = ", ".join(list(r["importance"])[:3])
+        lines.append(f"| {name} | {r['positive']} | {g['auc']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}] | "
+                     f"{leak['auc']:.3f} | {top} |")
+    plot = _importance_plot(result, out / "importance.png")
+    if plot:
+        lines += ["", f"![importance]({plot.name})"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"memefx icl metagrad: {len(features)} prompts, {result['features']} features -> {out}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     from memefx.icl.metrics import shot_table
     from memefx.icl.parse import parse_table
@@ -131,7 +190,15 @@ def main(argv: list[str]) -> int:
     desc.add_argument("--out", required=True, help="hm_captions.parquet")
     desc.add_argument("--batch-size", type=int, default=8)
     desc.add_argument("--max-new-tokens", type=int, default=40)
+    meta = sub.add_parser("metagrad", help="per-layer attention-mass and dual-form features, and their analysis")
+    meta.add_argument("--answers", required=True, help="answers table with prompt, image_id, few_shot_num and labels")
+    meta.add_argument("--model", required=True, help="local folder of the causal LM that answered")
+    meta.add_argument("--out", required=True, help="folder for features.parquet, analysis.json, report.md")
+    meta.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+    meta.add_argument("--max-groups", type=int, default=None, help="first N target groups only")
     a = p.parse_args(argv)
+    if a.command == "metagrad":
+        return _metagrad(a)
     if a.command == "describe":
         from memefx.data.hmc import read_hmc
         from memefx.icl.captions import describe

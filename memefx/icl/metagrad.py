@@ -70,20 +70,45 @@ def attention_mass(attention: torch.Tensor, labels: torch.Tensor) -> dict[str, t
     return {"caption_caption": mean_over(cap, on_cap), "image_image": mean_over(img, on_img), "cross": cross}
 
 
-def dual_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, demo_groups: torch.Tensor) -> dict[str, torch.Tensor]:
+def dual_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, demo_groups: torch.Tensor,
+              positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Split linear attention over demonstrations and context into W_ZSL q + sum_g Delta W_g q.
 
     ``q``: (Q, d) target-block queries; ``k``, ``v``: (L, d) keys and values of the whole prompt;
-    ``demo_groups``: (L,) -1 for the query context (target block, instruction) and g >= 0 for the
-    demonstration span group of each key (e.g. 0 text, 1 description, 2 answer, 3 other).
-    Returns ``zsl`` (Q, d), ``delta`` {g: (Q, d)} and ``relative_norm`` {g: ||Delta W_g q|| / ||W_ZSL q||}.
+    ``demo_groups``: (L,) -1 for the query context (instruction, target block) and g >= 0 for the
+    demonstration span group of each key (0 text, 1 description, 2 answer, 3 other). With ``positions``
+    (Q,), query i only sees keys j <= positions[i] (causal models). Returns ``zsl`` (Q, d), ``delta``
+    {g: (Q, d)} and ``relative_norm`` {g: ||Delta W_g q|| / ||W_ZSL q||} (Q,).
     """
-    context = demo_groups < 0
-    w_zsl = v[context].T @ k[context]  # (d, d) = sum_j v_j k_j^T over the query context
-    zsl = q @ w_zsl.T
+    scores = q @ k.T  # (Q, L): the k_j^T q factors of sum_j v_j k_j^T q
+    if positions is not None:
+        scores = scores * (torch.arange(k.shape[0], device=k.device)[None, :] <= positions[:, None])
+    context = (demo_groups < 0).to(scores.dtype)
+    zsl = (scores * context) @ v
     delta, relative = {}, {}
-    for g in sorted(int(x) for x in demo_groups[~context].unique()):
-        keep = demo_groups == g
-        delta[g] = q @ (v[keep].T @ k[keep]).T
+    for g in sorted(int(x) for x in demo_groups[demo_groups >= 0].unique()):
+        delta[g] = (scores * (demo_groups == g).to(scores.dtype)) @ v
         relative[g] = delta[g].norm(dim=-1) / zsl.norm(dim=-1).clamp_min(1e-12)
     return {"zsl": zsl, "delta": delta, "relative_norm": relative}
+
+
+DEMO_GROUPS = {0: "demo_text", 1: "demo_description", 2: "demo_answer", 3: "demo_other"}
+
+
+def demo_groups(prompt: str, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """(L,) group of every token: -1 query context (instruction and target block), else the demonstration
+    span it lies in: 0 meme text, 1 description, 2 gold answer, 3 anything else of a demonstration."""
+    target = prompt.rfind("User:")
+    instruction_end = prompt.find("\n")
+    spans = []  # (char_lo, char_hi, group), later entries win
+    spans.append((instruction_end + 1, target, 3))
+    for match in _PAIR_LINE.finditer(prompt[:target]):
+        spans += [(match.start(2), match.end(2), 0), (match.start(3), match.end(3), 1)]
+    for match in re.finditer(r"System:\n\n(.*?)\n\n(?=User:)", prompt[:target], re.S):
+        spans.append((match.start(1), match.end(1), 2))
+    labels = torch.full((len(offsets),), -1, dtype=torch.long)
+    for lo, hi, group in spans:
+        for t, (a, b) in enumerate(offsets):
+            if b > a and a < hi and b > lo:
+                labels[t] = group
+    return labels
