@@ -67,7 +67,7 @@ class MemeCLI(LightningCLI):
         from memefx.provenance import collect
 
         self.datamodule.prepare_data()  # the synthetic default must exist to be fingerprinted
-        self.datamodule.setup(self.subcommand if self.subcommand != "fit" else "fit")
+        self.datamodule.setup(self.subcommand)
         config = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False, skip_check=True))
         record = collect(config, self.trainer, self.datamodule)
         if self.trainer.is_global_zero:

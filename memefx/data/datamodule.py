@@ -212,10 +212,10 @@ class MemeDataModule(L.LightningDataModule):
         if self.synthetic_config is not None and not (self.root / "synthetic.json").is_file():
             tmp = self.root.with_name(self.root.name + f".tmp{os.getpid()}")
             write_synthetic(tmp, self.synthetic_config)
-            if self.root.exists():  # another process finished first
-                shutil.rmtree(tmp)
-            else:
+            try:
                 tmp.rename(self.root)
+            except OSError:  # another process (a DDP rank) finished first: keep its copy
+                shutil.rmtree(tmp)
 
     def _load(self, splits: list[str]) -> dict[str, pd.DataFrame]:
         if self.tables_only:
