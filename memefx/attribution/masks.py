@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from memefx.data.collate import IMAGE, PAD, SPECIAL, TEXT
+from memefx.schema import IMAGE, PAD, SPECIAL, TEXT
 
 BLOCKS = ("text", "image", "cross", "special")
 

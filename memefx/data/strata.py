@@ -11,8 +11,7 @@ from collections import Counter
 
 import pandas as pd
 
-KINDS = ("shared_image", "shared_text")
-KIND_COLUMN = {"shared_image": "img_org_id", "shared_text": "txt_org_id"}
+from memefx.schema import KIND_COLUMN, KINDS  # noqa: F401  (re-exported)
 
 
 def group_members(confounders: pd.DataFrame) -> pd.DataFrame:

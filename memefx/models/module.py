@@ -20,8 +20,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from memefx.causal.miate import MiATE
-from memefx.data.strata import KINDS
 from memefx.models.backbones import BackboneOutput, build_backbone
+from memefx.schema import KINDS
 
 STAGES = ("val", "test")
 

