@@ -45,43 +45,47 @@ def test_sampler_is_seeded_excludes_target_and_respects_budget():
         sample_demonstrations(pool, "00007", 50, seed=0)
 
 
-def test_prompt_table_from_real_strata(tmp_path, capsys):
-    import json
-
-    from memefx.cli import main
+def _real(**kwargs) -> pd.DataFrame:
+    from memefx.icl.prompts import build_prompts
 
     conf, caps = shared_file("confounders.parquet"), shared_file("hm_captions.parquet")
     with pytest.warns(UserWarning, match="duplicate rows"):
-        assert main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--split", "dev_seen",
-                     "--shots", "0,2", "--out", str(tmp_path / "p.parquet")]) == 0
-    table = pd.read_parquet(tmp_path / "p.parquet")
+        return build_prompts(conf, caps, **kwargs)
+
+
+def test_prompt_table_from_real_strata():
+    table = _real(split="dev_seen", shots=[0, 2])
     assert table.group.nunique() == 84 and set(table.few_shot_num) == {0, 2}  # dev_seen shared_image strata
     for row in table.itertuples():
         blocks = parse_prompt(row.prompt)
         assert len(blocks) == row.few_shot_num + 1 and render(blocks) == row.prompt
-        assert row.group not in json.loads(row.demonstrations)
-        labels = json.loads(row.gold_labels)
-        assert 1 in labels and 0 in labels and len(blocks[-1].members) == len(labels)
-    again = tmp_path / "q.parquet"
-    main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--shots", "0,2", "--out", str(again)])
-    pd.testing.assert_frame_equal(table, pd.read_parquet(again))  # seeded
+        assert row.group not in row.demo_groups and len(row.demo_groups) == row.few_shot_num
+        assert 1 in row.member_labels and 0 in row.member_labels
+        assert len(blocks[-1].members) == len(row.member_labels) == len(row.member_ids)
+        assert row.member_ids == sorted(row.member_ids)  # memefx's layout lists members by id
+    pd.testing.assert_frame_equal(table, _real(shots=[0, 2]))  # seeded
 
 
-def test_budget_drops_demonstrations_and_per_meme_prompts(tmp_path):
-    from memefx.cli import main
+def test_meme_text_comes_from_the_hmc_files_when_given():
+    hmc = shared_file("hmc/dev_seen.jsonl").parent
+    table = _real(hmc=hmc, shots=[0])
+    texts = pd.read_json(hmc / "dev_seen.jsonl", lines=True, dtype={"id": str}).set_index("id").text
+    row = table.iloc[0]
+    assert [m.text for m in parse_prompt(row.prompt)[-1].members] == [texts[i] for i in row.member_ids]
+    assert (table.prompt != _real(shots=[0]).prompt).mean() > 0.5  # the caption table's `text` is mostly a description
+
+
+def test_budget_drops_demonstrations_without_duplicates_and_per_meme_prompts(tmp_path):
     from memefx.data.collate import train_wordpiece
 
-    conf, caps = shared_file("confounders.parquet"), shared_file("hm_captions.parquet")
+    caps = shared_file("hm_captions.parquet")
     tok = train_wordpiece(pd.read_parquet(caps).text.head(500).tolist(), 2000)
     tok.save_pretrained(tmp_path / "tok")
-    with pytest.warns(UserWarning):
-        main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--shots", "4", "--budget", "400",
-              "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "b.parquet")])
-    table = pd.read_parquet(tmp_path / "b.parquet")
+    table = _real(shots=[4], budget=400, tokenizer=str(tmp_path / "tok"))
     lengths = table.prompt.map(lambda p: len(tok(p)["input_ids"]))
     assert ((lengths <= 400) | (table.few_shot_num == 0)).all() and (table.few_shot_num < 4).any()
-    with pytest.warns(UserWarning):
-        main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--per-meme",
-              "--out", str(tmp_path / "m.parquet")])
-    memes = pd.read_parquet(tmp_path / "m.parquet")
+    every = _real(shots=[0, 1, 2, 3, 4], budget=400, tokenizer=str(tmp_path / "tok"))
+    assert not every.duplicated(["group", "few_shot_num"]).any() and not every.prompt.duplicated().any()
+    assert (every.groupby("group").few_shot_num.max() < 4).any()
+    memes = _real(per_meme=True)
     assert memes.id.is_unique and set(memes.label) == {0, 1} and memes.prompt.str.endswith("\nSystem:").all()

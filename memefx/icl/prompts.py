@@ -23,6 +23,8 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 
@@ -46,9 +48,9 @@ class Block:
 
 
 def clean_field(value: str) -> str:
-    """Replace the layout's own words inside a field (caption -> text, image -> picture)."""
-    value = re.sub(r"caption", "text", value, flags=re.I)
-    return re.sub(r"image", "picture", value, flags=re.I)
+    """Replace the layout's own words inside a field (caption -> text, image -> picture), as the published
+    procedure did: plain substring replacement of the lowercase words, so its prompts are reproduced exactly."""
+    return value.replace("caption", "text").replace("image", "picture")
 
 
 def gold_answer(members: Sequence[Member]) -> str:
@@ -124,14 +126,14 @@ def sample_demonstrations(pool: Sequence[str], target: str, k: int, seed: int,
 def build_prompt_table(members: pd.DataFrame, texts: dict[str, str], descriptions: dict[str, str],
                        shots: Sequence[int] = (0, 1, 2, 3, 4), seed: int = 0, budget: int | None = None,
                        cost: Callable[[str], int] | None = None) -> pd.DataFrame:
-    """One pair-selection prompt per (stratum, shot count).
+    """memefx's own layout: one pair-selection prompt per (stratum, shot count), members sorted by id.
 
     ``members``: rows of one split and kind from ``strata_members`` (id, anchor, label). Demonstrations are
     other strata of the same table, drawn per target by ``sample_demonstrations``; with a ``budget``,
-    ``cost`` measures a rendered prompt (e.g. its token count) and demonstrations are dropped until it fits.
+    ``cost`` measures a rendered prompt (e.g. its token count) and the last demonstrations are dropped until
+    it fits. A prompt that then equals one already made for the same target (its shot count was also
+    requested) is not repeated: each (group, few_shot_num) appears once.
     """
-    import json
-
     groups = {a: rows.sort_values("id") for a, rows in members.groupby("anchor")}
 
     def as_members(anchor: str) -> list[Member]:
@@ -141,14 +143,126 @@ def build_prompt_table(members: pd.DataFrame, texts: dict[str, str], description
     out = []
     for anchor in sorted(groups):
         target = as_members(anchor)
-        for k in shots:
+        made: set[int] = set()
+        for k in sorted(shots):
             demos = sample_demonstrations(list(groups), anchor, k, seed)
             prompt = pair_prompt(target, [as_members(d) for d in demos])
             while budget is not None and cost is not None and demos and cost(prompt) > budget:
                 demos = demos[:-1]
                 prompt = pair_prompt(target, [as_members(d) for d in demos])
-            out.append({"group": anchor, "few_shot_num": len(demos), "requested_shots": k, "prompt": prompt,
-                        "member_ids": json.dumps(groups[anchor].id.tolist()),
-                        "gold_labels": json.dumps([m.label for m in target]), "demonstrations": json.dumps(demos),
+            if len(demos) in made:
+                continue
+            made.add(len(demos))
+            out.append({"group": anchor, "few_shot_num": len(demos), "requested_shots": int(k), "prompt": prompt,
+                        "member_ids": groups[anchor].id.astype(str).tolist(),
+                        "member_labels": [m.label for m in target], "demo_groups": list(demos),
                         "gold_answer": gold_answer(target)})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=["group", "few_shot_num", "requested_shots", "prompt", "member_ids",
+                                      "member_labels", "demo_groups", "gold_answer"])
+
+
+Layout = Literal["memefx", "published"]
+
+
+def build_prompts(confounders: str | Path | None = None, captions: str | Path | None = None,
+                  hmc: str | Path | None = None, split: str = "dev_seen", layout: Layout = "memefx",
+                  kind: Literal["shared_image", "shared_text"] = "shared_image", from_published: str | Path | None = None,
+                  shots: Sequence[int] = (0, 1, 2, 3, 4), seed: int | None = None, char_cap: int | None = None,
+                  budget: int | None = None, tokenizer: str | None = None, per_meme: bool = False,
+                  text_column: str = "text", description_column: str = "text_captioned") -> pd.DataFrame:
+    """The prompt table of ``memefx icl prompts``: every way of making prompts behind one signature.
+
+    Args:
+        confounders: confounder table (``confounders.parquet``); needed except for a replay, where it only
+            separates memes that share text and description.
+        captions: caption table (``hm_captions.parquet``) giving each image's description.
+        hmc: HMC folder; its ``<split>.jsonl`` gives each meme's overlaid text and label. Without it (memefx
+            layout only) the caption table's ``text_column`` stands in for the meme text.
+        split: the split whose memes are prompted.
+        layout: ``memefx`` (one kind of stratum, members sorted by id, seeded per-target sampler, optional
+            token budget) or ``published`` (the published procedure: both kinds merged by anchor, seeded
+            order, prompts over ``char_cap`` characters dropped).
+        kind: the stratum kind of the memefx layout.
+        from_published: the published answer file: replay its prompts exactly (``layout`` is then ignored).
+        shots: shot counts k to build.
+        seed: memefx layout default 0; published layout default 1987 (the published run's seed).
+        char_cap: published layout: drop prompts longer than this many characters (default 2000).
+        budget: memefx layout: token budget per prompt (needs ``tokenizer``); demonstrations are dropped to fit.
+        tokenizer: local tokenizer folder measuring ``budget``.
+        per_meme: one per-meme prompt (``id, group, label, prompt``) per stratum member instead.
+        text_column, description_column: caption-table columns (meme-text stand-in, description).
+
+    Every table has ``group, few_shot_num, prompt, member_ids, member_labels`` (per-meme: ``id, group,
+    label, prompt``); a replay adds ``rebuilt`` and ``unmapped`` (pairs that could not be mapped, listed).
+    """
+    from memefx.data.hmc import read_hmc
+    from memefx.data.tables import read_captions, read_confounders
+    from memefx.errors import UserError
+
+    if captions is None:
+        raise UserError("memefx icl prompts: --captions (the caption table with image descriptions) is required")
+    caption_table = read_captions(captions)
+    if description_column not in caption_table:
+        raise UserError(f"{captions}: no column {description_column!r} (has {list(caption_table.columns)})")
+    descriptions = dict(zip(caption_table.image_id, caption_table[description_column]))
+    memes = None
+    if hmc is not None:
+        memes = read_hmc(hmc, [split], images=False)[split]
+    if from_published is not None or layout == "published":
+        if memes is None:
+            raise UserError("memefx icl prompts: the published prompts use the memes' own text: give --hmc DIR "
+                            f"(the HMC folder with {split}.jsonl)")
+    conf = read_confounders(confounders) if confounders is not None else None
+    texts = dict(zip(memes.id, memes.text)) if memes is not None else \
+        dict(zip(caption_table.image_id, caption_table[text_column]))
+    labels = dict(zip(memes.id, memes.label.astype(int))) if memes is not None else None
+
+    if from_published is not None:
+        from memefx.icl.published import replay_published
+
+        path = Path(from_published)
+        if not path.is_file():
+            raise UserError(f"memefx icl prompts: published answer file {path} not found")
+        answers = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        return replay_published(answers, texts, descriptions, labels, conf, split, source=str(path))
+    if conf is None:
+        raise UserError("memefx icl prompts: --confounders is required to find the strata of a split")
+    if layout == "published":
+        from memefx.icl.published import PUBLISHED_CHAR_CAP, PUBLISHED_SEED, published_prompt_table
+
+        if per_meme:
+            raise UserError("memefx icl prompts: --per-meme prompts have one layout; leave out --layout published")
+        return published_prompt_table(conf, split, texts, descriptions, labels, tuple(int(k) for k in shots),
+                                      PUBLISHED_SEED if seed is None else seed,
+                                      PUBLISHED_CHAR_CAP if char_cap is None else char_cap)
+    if layout != "memefx":
+        raise UserError(f"memefx icl prompts: layout {layout!r} is not one of 'memefx', 'published'")
+
+    from memefx.data.strata import strata_members
+
+    members = strata_members(conf)
+    members = members[(members.split == split) & (members.kind == kind)]
+    if members.empty:
+        raise UserError(f"memefx icl prompts: no {kind} strata in split {split!r}")
+    if labels is not None:
+        members = members.assign(label=[int(labels.get(i, lab)) for i, lab in zip(members.id, members.label)])
+    from memefx.icl.published import _check_fields
+
+    _check_fields(sorted(set(members.id)), texts, descriptions, f"split {split!r}: of its {kind} stratum members")
+    if per_meme:
+        rows = members.drop_duplicates("id")
+        return pd.DataFrame({"id": rows.id.values, "group": rows.anchor.values, "label": rows.label.astype(int).values,
+                             "prompt": [meme_prompt(texts[i], descriptions[i])[0] for i in rows.id]})
+    cost = None
+    if budget is not None:
+        if not tokenizer:
+            raise UserError("memefx icl prompts: --budget needs --tokenizer (a local tokenizer folder)")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+
+        def cost(prompt: str) -> int:
+            return len(tok(prompt)["input_ids"])
+
+    return build_prompt_table(members, texts, descriptions, tuple(int(k) for k in shots),
+                              0 if seed is None else seed, budget, cost)
