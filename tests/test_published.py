@@ -7,8 +7,8 @@ import warnings
 import pandas as pd
 import pytest
 
-from memefx.errors import UserError
 from memefx.icl.parse import pairs_in_prompt
+from memefx.icl.prompts import PromptInputError as UserError
 from memefx.icl.prompts import build_prompts, parse_prompt
 from memefx.icl.published import (
     demonstration_order,
@@ -177,3 +177,22 @@ def test_missing_or_nan_descriptions_are_an_error_naming_ids(tmp_path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 build_prompts(_data()["confounders"], path, _data()["hmc"], layout=layout)
+
+
+@pytest.mark.slow  # imports the whole CLI (Lightning) and builds two prompt sets: about 30 s
+def test_cli_replays_and_builds_the_published_layout(tmp_path, capsys):
+    from memefx.cli import main
+
+    data = {k: str(v) for k, v in _data().items()}
+    common = ["--captions", data["captions"], "--hmc", data["hmc"], "--confounders", data["confounders"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["icl", "prompts", *common, "--from-published", str(shared_file("llm_answers.csv")),
+                     "--out", str(tmp_path / "replay.parquet")]) == 0
+        assert main(["icl", "prompts", *common, "--layout", "published", "--shots", "0,1",
+                     "--out", str(tmp_path / "procedure.parquet")]) == 0
+    replay = pd.read_parquet(tmp_path / "replay.parquet")
+    assert len(replay) == 247 and replay.rebuilt.all() and all(len(ids) for ids in replay.member_ids)
+    procedure = pd.read_parquet(tmp_path / "procedure.parquet")
+    assert procedure.group.nunique() == 97 and set(procedure.few_shot_num) == {0, 1}
+    assert all(len(labels) == pairs_in_prompt(p) for labels, p in zip(procedure.member_labels, procedure.prompt))

@@ -34,6 +34,11 @@ BENIGN_ANSWER = "All pairs are benign."
 _LINE = re.compile(r"^#(\d+): caption: '(.*?)', image: '(.*)'$")
 
 
+class PromptInputError(ValueError):
+    """Input that cannot make prompts (missing text or description, unknown layout): names the file, ids and
+    what to do. A ValueError, so every memefx command reports it as a user error."""
+
+
 @dataclass(frozen=True)
 class Member:
     text: str
@@ -197,20 +202,19 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
     """
     from memefx.data.hmc import read_hmc
     from memefx.data.tables import read_captions, read_confounders
-    from memefx.errors import UserError
 
     if captions is None:
-        raise UserError("memefx icl prompts: --captions (the caption table with image descriptions) is required")
+        raise PromptInputError("--captions (the caption table with image descriptions) is required")
     caption_table = read_captions(captions)
     if description_column not in caption_table:
-        raise UserError(f"{captions}: no column {description_column!r} (has {list(caption_table.columns)})")
+        raise PromptInputError(f"{captions}: no column {description_column!r} (has {list(caption_table.columns)})")
     descriptions = dict(zip(caption_table.image_id, caption_table[description_column]))
     memes = None
     if hmc is not None:
         memes = read_hmc(hmc, [split], images=False)[split]
     if from_published is not None or layout == "published":
         if memes is None:
-            raise UserError("memefx icl prompts: the published prompts use the memes' own text: give --hmc DIR "
+            raise PromptInputError("the published prompts use the memes' own text: give --hmc DIR "
                             f"(the HMC folder with {split}.jsonl)")
     conf = read_confounders(confounders) if confounders is not None else None
     texts = dict(zip(memes.id, memes.text)) if memes is not None else \
@@ -222,28 +226,28 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
 
         path = Path(from_published)
         if not path.is_file():
-            raise UserError(f"memefx icl prompts: published answer file {path} not found")
+            raise PromptInputError(f"published answer file {path} not found")
         answers = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         return replay_published(answers, texts, descriptions, labels, conf, split, source=str(path))
     if conf is None:
-        raise UserError("memefx icl prompts: --confounders is required to find the strata of a split")
+        raise PromptInputError("--confounders is required to find the strata of a split")
     if layout == "published":
         from memefx.icl.published import PUBLISHED_CHAR_CAP, PUBLISHED_SEED, published_prompt_table
 
         if per_meme:
-            raise UserError("memefx icl prompts: --per-meme prompts have one layout; leave out --layout published")
+            raise PromptInputError("--per-meme prompts have one layout; leave out --layout published")
         return published_prompt_table(conf, split, texts, descriptions, labels, tuple(int(k) for k in shots),
                                       PUBLISHED_SEED if seed is None else seed,
                                       PUBLISHED_CHAR_CAP if char_cap is None else char_cap)
     if layout != "memefx":
-        raise UserError(f"memefx icl prompts: layout {layout!r} is not one of 'memefx', 'published'")
+        raise PromptInputError(f"layout {layout!r} is not one of 'memefx', 'published'")
 
     from memefx.data.strata import strata_members
 
     members = strata_members(conf)
     members = members[(members.split == split) & (members.kind == kind)]
     if members.empty:
-        raise UserError(f"memefx icl prompts: no {kind} strata in split {split!r}")
+        raise PromptInputError(f"no {kind} strata in split {split!r}")
     if labels is not None:
         members = members.assign(label=[int(labels.get(i, lab)) for i, lab in zip(members.id, members.label)])
     from memefx.icl.published import _check_fields
@@ -256,7 +260,7 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
     cost = None
     if budget is not None:
         if not tokenizer:
-            raise UserError("memefx icl prompts: --budget needs --tokenizer (a local tokenizer folder)")
+            raise PromptInputError("--budget needs --tokenizer (a local tokenizer folder)")
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)

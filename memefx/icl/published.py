@@ -30,8 +30,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from memefx.errors import UserError
-from memefx.icl.prompts import Block, Member, clean_field, gold_answer, parse_prompt, render
+from memefx.icl.prompts import Block, Member, PromptInputError, clean_field, gold_answer, parse_prompt, render
 from memefx.schema import KIND_COLUMN
 
 PUBLISHED_SEED = 1987
@@ -58,7 +57,7 @@ def _check_fields(ids: Sequence[str], texts: Mapping[str, object], descriptions:
         problems.append(f"{len(no_desc)} have no image description (missing or NaN): ids {', '.join(no_desc[:10])}"
                         f"{', ...' if len(no_desc) > 10 else ''}")
     if problems:
-        raise UserError(f"{what}: " + "; ".join(problems) + ". Fill them in (memefx icl describe writes "
+        raise PromptInputError(f"{what}: " + "; ".join(problems) + ". Fill them in (memefx icl describe writes "
                         "descriptions) or leave these memes out of the confounder table")
 
 
@@ -83,7 +82,7 @@ def published_groups(confounders: pd.DataFrame, split: str, texts: Mapping[str, 
     ``labels`` (e.g. from the HMC files) override the confounder table's labels when given."""
     members = group_rows(confounders, split)
     if members.empty:
-        raise UserError(f"split {split!r}: the confounder table lists no shared-image or shared-text groups")
+        raise PromptInputError(f"split {split!r}: the confounder table lists no shared-image or shared-text groups")
     if labels is not None:
         members["label"] = [int(labels.get(i, lab)) for i, lab in zip(members.id, members.label)]
     _check_fields(sorted(set(members.id)), texts, descriptions, f"split {split!r}: of its confounder-group members")
@@ -91,7 +90,7 @@ def published_groups(confounders: pd.DataFrame, split: str, texts: Mapping[str, 
     both = members.groupby("anchor").label.agg(lambda s: {0, 1} <= set(s))
     members = members[members.anchor.isin(both[both].index)].copy()
     if members.empty:
-        raise UserError(f"split {split!r}: no confounder group holds both a hateful and a benign meme")
+        raise PromptInputError(f"split {split!r}: no confounder group holds both a hateful and a benign meme")
     # rank of each row inside its group: shared-image members first, hateful first, then by id
     members["kind_order"] = members.kind.map(_KIND_ORDER)
     members = members.sort_values(["anchor", "kind_order", "label", "id"], ascending=[True, True, False, True])
@@ -131,7 +130,7 @@ def published_prompt_table(confounders: pd.DataFrame, split: str, texts: Mapping
     targets = sorted(groups)
     max_k = max(shots, default=0)
     if max_k > len(targets) - 1:
-        raise UserError(f"split {split!r}: {max_k}-shot prompts need {max_k} other target groups, "
+        raise PromptInputError(f"split {split!r}: {max_k}-shot prompts need {max_k} other target groups, "
                         f"only {len(targets) - 1} exist")
     out, dropped = [], {int(k): 0 for k in shots}
     for index, anchor in enumerate(targets):
@@ -200,7 +199,7 @@ def replay_published(answers: pd.DataFrame, texts: Mapping[str, str], descriptio
     """
     missing = [c for c in ("image_id", "few_shot_num", "prompt") if c not in answers]
     if missing:
-        raise UserError(f"{source}: lacks columns {missing} (has {list(answers.columns)}); expected the published "
+        raise PromptInputError(f"{source}: lacks columns {missing} (has {list(answers.columns)}); expected the published "
                         "answer file (one row per target group, shot count and pair, with the prompt text)")
     index: dict[str, list[str]] = {}
     for meme in texts:
@@ -220,18 +219,18 @@ def replay_published(answers: pd.DataFrame, texts: Mapping[str, str], descriptio
     clash = prompts[prompts.duplicated(["image_id", "few_shot_num"], keep=False)]
     if len(clash):
         first = clash.iloc[0]
-        raise UserError(f"{source}: group {first.image_id}, {first.few_shot_num}-shot has several different prompts; "
+        raise PromptInputError(f"{source}: group {first.image_id}, {first.few_shot_num}-shot has several different prompts; "
                         "one prompt per (image_id, few_shot_num) is expected")
     out = []
     for row_number, row in zip(prompts.index, prompts.itertuples(index=False)):
         group, shots, prompt = _group_id(row.image_id), int(row.few_shot_num), row.prompt
         where = f"{source} row {row_number} (group {group}, {shots}-shot)"
         if not isinstance(prompt, str):
-            raise UserError(f"{where}: prompt is {prompt!r}, not text")
+            raise PromptInputError(f"{where}: prompt is {prompt!r}, not text")
         try:
             blocks = parse_prompt(prompt)
         except ValueError as err:
-            raise UserError(f"{where}: not a pair-selection prompt ({err})") from None
+            raise PromptInputError(f"{where}: not a pair-selection prompt ({err})") from None
         problems: list[str] = []
         mapped_blocks: list[list[str]] = []
         demo_groups: list[str | None] = []
