@@ -6,44 +6,36 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI
 
+from memefx.callbacks.run_directory import RunDirectory, last_checkpoint
 from memefx.data.datamodule import MemeDataModule
+from memefx.errors import UserError, read_json
 from memefx.models.module import MemeClassifier
 
-TOOLS = ("synth", "strata", "report", "regions", "icl")
-REPORTED = ("auroc", "acc", "loss", "miate_shared_image", "miate_shared_text")
-
-
-class RunDirConfig(SaveConfigCallback):
-    """Save the resolved config as ``<run dir>/config.yaml`` (``config_<stage>.yaml`` for other stages).
-
-    The run directory is ``trainer.default_root_dir``, whatever the loggers do. A fit overwrites the
-    config of an earlier fit in the same folder: resuming with ``--ckpt_path`` is the usual reason.
-    """
-
-    def __init__(self, *args, **kwargs):
-        kwargs.update(save_to_log_dir=False)
-        super().__init__(*args, **kwargs)
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        run_dir = Path(trainer.default_root_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        name = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
-        self.parser.save(self.config, run_dir / name, skip_none=False, overwrite=True, multifile=False)
+TOOLS = ("synth", "strata", "report", "regions", "icl", "miate")
 
 
 class MemeCLI(LightningCLI):
-    """LightningCLI with run-directory conventions: loggers write there, metrics.json summarizes."""
+    """LightningCLI wired to the run directory: loggers and checkpoints write there, ``RunDirectory`` owns it.
+
+    Everything written to the folder comes from the ``RunDirectory`` callback, which a user's own
+    ``LightningCLI`` or plain ``Trainer`` can add too; this class only passes it the resolved config.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,
-                            help="after fit, evaluate the best checkpoint on the test split")
+                            help="after fit, evaluate the best checkpoint on the validation and test splits")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="let fit delete an earlier run's files in the run directory (refused otherwise)")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -51,6 +43,10 @@ class MemeCLI(LightningCLI):
         run_dir = trainer.get("default_root_dir") or "."
         loggers = trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
+            path = str(getattr(logger, "class_path", ""))
+            if path.endswith("WandbLogger") and importlib.util.find_spec("wandb") is None:
+                raise UserError("the W&B logger needs the wandb package: pip install 'memefx[wandb]' "
+                                "(or use --config configs/logger/csv.yaml)")
             init = getattr(logger, "init_args", None)
             if init is not None and init.get("save_dir") in (None, "."):
                 init["save_dir"] = run_dir  # "." in a logger fragment means the run directory
@@ -60,45 +56,41 @@ class MemeCLI(LightningCLI):
                 # one fixed folder, so `--ckpt_path last` finds the checkpoint whatever the logger version
                 init["dirpath"] = str(Path(run_dir) / "checkpoints")
 
-    def _provenance(self) -> None:
-        """Write ``provenance.json`` to the run directory and hand it to the loggers (W&B run config)."""
+    def _instantiate_trainer(self, config: dict, callbacks: list):
         import yaml
 
-        from memefx.provenance import collect
+        resolved = self.config[self.subcommand] if self.subcommand else self.config
+        plain = yaml.safe_load(self._parser(self.subcommand).dump(resolved, skip_none=False, skip_check=True))
+        callbacks = [*callbacks, RunDirectory(overwrite=bool(plain.get("overwrite")), config=plain, argv=sys.argv)]
+        return super()._instantiate_trainer(config, callbacks)
 
-        self.datamodule.prepare_data()  # the synthetic default must exist to be fingerprinted
-        self.datamodule.setup(self.subcommand)
-        config = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False, skip_check=True))
-        record = collect(config, self.trainer, self.datamodule)
-        if self.trainer.is_global_zero:
-            run_dir = Path(self.trainer.default_root_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            name = "provenance.json" if self.subcommand == "fit" else f"provenance_{self.subcommand}.json"
-            (run_dir / name).write_text(json.dumps(record, indent=2, default=str))
-        for logger in self.trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                logger.experiment.config.update({"provenance": record}, allow_val_change=True)
+    def _resolve_last(self) -> None:
+        """``--ckpt_path last``: the recorded checkpoint with the highest step, not the newest file time."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            found = last_checkpoint(self.trainer.default_root_dir)
+            if found is not None:
+                config["ckpt_path"] = str(found)
 
     def before_fit(self) -> None:
-        self._provenance()
+        self._resolve_last()
 
     def before_validate(self) -> None:
-        self._provenance()
+        self._resolve_last()
 
     def before_test(self) -> None:
-        self._provenance()
+        self._resolve_last()
 
     def before_predict(self) -> None:
-        self._provenance()
+        self._resolve_last()
 
     def after_fit(self) -> None:
-        self._summarize()
         if self.config["fit"].get("test_after_fit") and not self.trainer.fast_dev_run:
             ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
             # validate the same checkpoint, so predictions/<val split> and miate/ match the test numbers
             self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
-            self._summarize()
+        self._summarize()
 
     def after_validate(self) -> None:
         self._summarize()
@@ -107,19 +99,13 @@ class MemeCLI(LightningCLI):
         self._summarize()
 
     def _summarize(self) -> None:
-        """Print and save (``metrics.json``) the last value of each reported metric."""
-        if not self.trainer.is_global_zero:
+        """Print the run directory's ``metrics.json`` in one line."""
+        path = Path(self.trainer.default_root_dir) / "metrics.json"
+        if not self.trainer.is_global_zero or not path.is_file():
             return
-        run_dir = Path(self.trainer.default_root_dir)
-        path = run_dir / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.is_file() else {}
-        for key, value in self.trainer.callback_metrics.items():
-            if key.split("/")[-1] in REPORTED:
-                metrics[key] = float(value)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        metrics = read_json(path)
         shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if not math.isnan(v))
-        print(f"memefx [{run_dir}] {shown}", flush=True)
+        print(f"memefx [{path.parent}] {shown}", flush=True)
 
 
 def _synth(argv: list[str]) -> int:
@@ -216,18 +202,44 @@ def _regions(argv: list[str]) -> int:
     return 0
 
 
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, ImportError, KeyError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``memefx`` console script."""
-    given = argv
+    """Entry point of the ``memefx`` console script.
+
+    Errors in the input print one line naming the file, id or value and exit with status 2; ``--debug``
+    (or ``MEMEFX_DEBUG=1``) shows the traceback instead.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MEMEFX_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # noqa: BLE001 - the one place that turns errors into messages
+        if debug:
+            raise
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        hint = "" if isinstance(err, UserError) else f" [{type(err).__name__} at {Path(where.filename).name}:{where.lineno}]"
+        print(f"memefx: error: {err}{hint}\n(rerun with --debug for the traceback)", file=sys.stderr)
+        return 2 if isinstance(err, USER_ERRORS) else 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "icl":
         from memefx.icl.cli import main as icl_main
 
         return icl_main(argv[1:])
+    if argv and argv[0] == "miate":
+        from memefx.report.miate_cli import main as miate_main
+
+        return miate_main(argv[1:])
     if argv and argv[0] in TOOLS:
         return {"synth": _synth, "strata": _strata, "report": _report, "regions": _regions}[argv[0]](argv[1:])
     MemeCLI(
-        MemeClassifier, MemeDataModule, args=given, save_config_callback=RunDirConfig,
+        MemeClassifier, MemeDataModule, args=argv, save_config_callback=None,
         parser_kwargs={"parser_mode": "omegaconf"}, seed_everything_default=0,
     )
     return 0

@@ -42,8 +42,14 @@ def data_fingerprint(datamodule) -> dict:
         if given and Path(given).is_file():
             files[Path(given).name] = file_digest(Path(given))
     rows = {split: int(len(frame)) for split, frame in datamodule.frames.items()}
+    # where the side tables were found, so readers of the run (memefx report) need no data module
+    tables = {}
+    locate = getattr(datamodule, "_table", None)
+    for key, default in (("confounders", "confounders.parquet"), ("captions", "hm_captions.parquet")):
+        found = locate(datamodule.hparams.get(key), default) if locate else None
+        tables[key] = str(Path(found).resolve()) if found else None
     digest = hashlib.sha256("".join(f"{k}={v};" for k, v in sorted(files.items())).encode()).hexdigest()
-    return {"root": str(root) if root else None, "files": files, "rows": rows, "digest": digest}
+    return {"root": str(root) if root else None, "files": files, "rows": rows, "digest": digest, "tables": tables}
 
 
 def git_commit() -> str | None:

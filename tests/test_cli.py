@@ -10,26 +10,15 @@ import pytest
 import yaml
 
 from memefx.cli import main
-from tests.conftest import TINY_BACKBONE
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "icl")
 
 
 def _tiny_config(tmp_path, root, midas: bool = False) -> Path:
-    callbacks = [{"class_path": "memefx.callbacks.midas.MIDASCallback", "init_args": {"stages": ["train", "val"]}}]
-    cfg = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
-                    "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                "init_args": {"save_dir": ".", "name": "logs"}}]},
-        "model": {"backbone": "visualbert", "backbone_args": TINY_BACKBONE, "miate_bootstrap": 50},
-        "data": {"root": str(root), "image_size": 32, "batch_size": 32, "vocab_size": 512, "max_length": 24},
-    }
-    if midas:
-        cfg["trainer"]["callbacks"] = callbacks
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """tests/conf/tiny.yaml (+ conf/midas.yaml) for the data folder ``root``."""
+    return tiny_config(tmp_path, root, midas)
 
 
 def test_fit_fast_dev_run(tmp_path, tiny_root):
@@ -61,10 +50,14 @@ def test_fit_writes_run_directory(tmp_path, tiny_root, capsys):
     assert main(["report", str(run)]) == 0
     report = (run / "report" / "report.md").read_text()
     assert "| dev_seen | shared_image |" in report
-    assert {"train_epoch0.parquet", "val_epoch0.parquet", "val_epoch1.parquet"} <= {p.name for p in (run / "midas").iterdir()}
+    # the fit's epoch, then the best checkpoint (epoch 0) re-validated: never a phantom epoch 1
+    assert {p.name for p in (run / "midas").iterdir()} == {
+        "train_epoch0.parquet", "val_epoch0.parquet", "val_ckpt_epoch0.parquet"}
+    assert pd.read_parquet(run / "midas" / "val_ckpt_epoch0.parquet").epoch.unique().tolist() == [0]
+    assert json.loads((run / "miate" / "test_seen.json").read_text())["epoch"] == 0
     assert "## MIDAS" in report and "Predicting miATE_g >= 0.5" in report  # AUC, or why there is none
     for png in ("val_miate.png", "val_auroc.png", "dev_seen_threshold_curve.png", "midas_attattr_curves.png",
-                "val_epoch1_cross_heatmap.png"):
+                "val_ckpt_epoch0_cross_heatmap.png"):
         assert (run / "report" / png).stat().st_size > 1000
 
 

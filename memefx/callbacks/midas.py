@@ -11,8 +11,6 @@ Only (samples x layers x heads x blocks) sums survive a step. Tables are written
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 import pandas as pd
@@ -27,6 +25,7 @@ from memefx.attribution.midas import (
     target_classes,
     to_table,
 )
+from memefx.callbacks.run_directory import midas_table_path
 
 
 class MIDASCallback(Callback):
@@ -133,7 +132,9 @@ class MIDASCallback(Callback):
     def _flush(self, stage: str, trainer, pl_module) -> None:
         buf = self._buffers.pop(stage, None)
         table = None
-        epoch = trainer.current_epoch if buf is None else buf["epoch"]
+        # the run directory names the file and the epoch whose weights were evaluated
+        path, epoch = midas_table_path(trainer, stage, trainer.current_epoch if buf is None else buf["epoch"])
+        epoch = -1 if epoch is None else epoch  # -1: untrained weights
         if buf is not None:
             reduced = {k: np.concatenate(buf[k]) for k in (*self.scores, "count")}
             table = to_table(buf["ids"], reduced, epoch, stage, buf["layers"])
@@ -150,7 +151,6 @@ class MIDASCallback(Callback):
         for row in summary[summary.score == "attattr"].itertuples():
             pl_module.log(f"midas/{stage}_attattr_{row.block}", float(row.mean), rank_zero_only=True, sync_dist=False)
         if trainer.is_global_zero:
-            path = Path(trainer.default_root_dir) / "midas" / f"{stage}_epoch{epoch}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             first.to_parquet(path, index=False)
             self._log_heatmap(trainer, first, stage)

@@ -1,29 +1,71 @@
 """MemeClassifier: the LightningModule around one backbone adapter.
 
 Training is plain cross-entropy over two classes. Every evaluation epoch it logs AUROC/accuracy and
-miATE per stratum kind (so loggers draw curves), and writes the run-directory artifacts that other tools
-read with pandas alone: ``predictions/<split>.parquet`` and ``miate/<split>.json``.
+miATE per stratum kind and split (so loggers draw curves). It writes nothing to disk: evaluation steps
+return (id, label, p_hateful, split) and the miATE results wait in ``eval_results`` for the
+``RunDirectory`` callback, the one owner of the run directory.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import inspect
+import types
+import typing
 from typing import Literal
 
 import lightning as L
-import pandas as pd
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from memefx.causal.miate import MiATE
-from memefx.models.backbones import BackboneOutput, build_backbone
+from memefx.errors import UserError
+from memefx.models.backbones import BACKBONES, BackboneOutput, build_backbone
 from memefx.schema import KINDS
 
 STAGES = ("val", "test")
+
+
+def coerce_backbone_args(name: str, args: dict | None) -> dict:
+    """Convert string values (a command-line ``--model.backbone_args.X 64``) to the adapter's annotated
+    types, and name unknown keys: the dict is untyped for the CLI parser, the adapter's signature is not."""
+    args = dict(args or {})
+    cls = BACKBONES.get(name)
+    if cls is None:
+        return args
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(args) - set(params))
+        if unknown:
+            raise UserError(f"model.backbone_args: unknown keys {unknown} for backbone {name!r}; "
+                            f"known: {sorted(k for k in params if k != 'self')}")
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in args.items():
+        if isinstance(value, str) and key in hints:
+            args[key] = _from_string(value, hints[key], key)
+    return args
+
+
+def _from_string(value: str, hint, key: str):
+    """``value`` as the first of the annotated types (int, float, bool, None) that parses it."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if str in options:
+        return value
+    for option in options:
+        try:
+            if option is bool and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if option in (int, float):
+                return option(value)
+            if option is type(None) and value.lower() in ("null", "none"):
+                return None
+        except ValueError:
+            continue
+    raise UserError(f"model.backbone_args.{key}={value!r}: expected {hint}")
 
 
 class MemeClassifier(L.LightningModule):
@@ -56,14 +98,12 @@ class MemeClassifier(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = build_backbone(backbone, **(backbone_args or {}))
-        self.metrics = nn.ModuleDict({
-            s: MetricCollection({"auroc": BinaryAUROC(), "acc": BinaryAccuracy()}, prefix=f"{s}/") for s in STAGES
-        })
-        self.miate = nn.ModuleDict({
-            f"{s}_{kind}": MiATE(n_bootstrap=miate_bootstrap, seed=miate_seed) for s in STAGES for kind in KINDS
-        })
-        self._predictions: dict[str, list[tuple[list[str], torch.Tensor, torch.Tensor]]] = {}
+        self.backbone = build_backbone(backbone, **coerce_backbone_args(backbone, backbone_args))
+        # one set of metrics per (stage, split), made when a split is first seen (several test splits a run)
+        self.evaluators = nn.ModuleDict()
+        self.eval_results: dict[str, dict] = {}  # split -> {stage, miate per kind}: read by RunDirectory
+        self._stage_splits: dict[str, list[str]] = {}
+        self._skips_said: set[tuple[str, str]] = set()
         self.capture_attentions = False  # set by MIDASCallback for the training step
         self.capture_eval: set[str] = set()  # evaluation stages whose forward MIDASCallback differentiates
         self.captured: dict | None = None
@@ -82,13 +122,24 @@ class MemeClassifier(L.LightningModule):
     def forward(self, batch: dict, output_attentions: bool = False) -> BackboneOutput:
         return self.backbone(batch, output_attentions=output_attentions)
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir)
-
-    def _split_name(self, stage: str) -> str:
+    def _split_of(self, batch: dict, stage: str) -> str:
+        """The split a batch comes from: its own ``split`` key, else the data module's split of the stage."""
+        if "split" in batch:
+            return str(batch["split"])
         dm = getattr(self.trainer, "datamodule", None)
         return dm.split_names[stage] if dm is not None and hasattr(dm, "split_names") else stage
+
+    def _evaluator(self, stage: str, split: str) -> nn.ModuleDict:
+        key = f"{stage}__{split}"
+        if key not in self.evaluators:
+            hp = self.hparams
+            self.evaluators[key] = nn.ModuleDict({
+                "metrics": MetricCollection({"auroc": BinaryAUROC(), "acc": BinaryAccuracy()}),
+                "positives": SumMetric(), "negatives": SumMetric(),
+                **{kind: MiATE(n_bootstrap=hp.miate_bootstrap, seed=hp.miate_seed) for kind in KINDS},
+            }).to(self.device)
+            self._stage_splits.setdefault(stage, []).append(split)
+        return self.evaluators[key]
 
     def on_train_start(self) -> None:
         """Resume mid-epoch: give the training loader its checkpointed position.
@@ -136,26 +187,38 @@ class MemeClassifier(L.LightningModule):
             logits = self(batch).logits
         probs = logits.float().softmax(-1)[:, 1]
         labels = batch["labels"]
+        split = self._split_of(batch, stage)
+        ev = self._evaluator(stage, split)
         labeled = labels >= 0
+        ev["positives"].update((labels == 1).sum().float())
+        ev["negatives"].update((labels == 0).sum().float())
         if labeled.any():
             loss = F.cross_entropy(logits[labeled], labels[labeled])
-            self.log(f"{stage}/loss", loss, batch_size=int(labeled.sum()), sync_dist=True)
-            self.metrics[stage].update(probs[labeled], labels[labeled])
+            self.log(self._key(stage, split, "loss"), loss, batch_size=int(labeled.sum()), sync_dist=True,
+                     add_dataloader_idx=False)
+            ev["metrics"].update(probs[labeled], labels[labeled])
         row_ids = torch.tensor([int(i) for i in batch["ids"]], device=probs.device)
         for kind in KINDS:
-            self.miate[f"{stage}_{kind}"].update(probs, labels, batch[f"stratum_{kind.split('_')[1]}"], row_ids)
-        self._predictions.setdefault(stage, []).append((list(batch["ids"]), labels.detach().cpu(), probs.detach().cpu()))
+            ev[kind].update(probs, labels, batch[f"stratum_{kind.split('_')[1]}"], row_ids)
+        return {"ids": list(batch["ids"]), "labels": labels.detach().cpu(), "p_hateful": probs.detach().cpu(),
+                "split": split}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def _key(self, stage: str, split: str, name: str) -> str:
+        """``val/auroc`` for a stage's only split; ``test/<split>/auroc`` when a stage has several."""
+        dm = getattr(self.trainer, "datamodule", None)
+        splits = dm.eval_splits(stage) if hasattr(dm, "eval_splits") else self._stage_splits.get(stage, [])
+        return f"{stage}/{name}" if len(splits) <= 1 else f"{stage}/{split}/{name}"
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return self._eval_step(batch, "val")
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         probs = self(batch).logits.float().softmax(-1)[:, 1]
-        self._predictions.setdefault("predict", []).append((list(batch["ids"]), batch["labels"].cpu(), probs.cpu()))
-        return {"ids": batch["ids"], "p_hateful": probs}
+        return {"ids": list(batch["ids"]), "labels": batch["labels"].cpu(), "p_hateful": probs.cpu(),
+                "split": self._split_of(batch, "predict")}
 
     # ------------------------------------------------------------------------------------- epoch ends
     def on_validation_epoch_end(self) -> None:
@@ -164,56 +227,35 @@ class MemeClassifier(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._end_eval_epoch("test")
 
-    def on_predict_epoch_end(self) -> None:
-        self._write_predictions("predict")
-
     def _end_eval_epoch(self, stage: str) -> None:
-        collection = self.metrics[stage]
-        if any(m.update_count for m in collection.values()):  # nothing labeled: AUROC is undefined
-            self.log_dict(collection.compute())
-        collection.reset()
-        results = {}
-        for kind in KINDS:
-            metric = self.miate[f"{stage}_{kind}"]
-            result = metric.compute()
-            metric.reset()
-            results[kind] = result
-            if result["n_strata"] > 0:
-                self.log(f"{stage}/miate_{kind}", result["mean"])
-                self.log(f"{stage}/miate_{kind}_lo", result["ci_low"])
-                self.log(f"{stage}/miate_{kind}_hi", result["ci_high"])
-        if self.trainer.sanity_checking:
-            self._predictions.pop(stage, None)
-            return
-        if self.trainer.is_global_zero:
-            self._write_json(f"miate/{self._split_name(stage)}.json", {
-                "split": self._split_name(stage), "epoch": self.current_epoch, "stage": stage, **results,
-            })
-        self._write_predictions(stage)
+        for split in self._stage_splits.get(stage, []):
+            ev = self.evaluators[f"{stage}__{split}"]
+            positives, negatives = int(ev["positives"].compute()), int(ev["negatives"].compute())
+            if positives and negatives:
+                for name, value in ev["metrics"].compute().items():
+                    self.log(self._key(stage, split, name), value, add_dataloader_idx=False)
+            elif not self.trainer.sanity_checking:
+                self._say_once(stage, split, positives, negatives)
+            results = {}
+            for kind in KINDS:
+                results[kind] = result = ev[kind].compute()
+                if result["n_strata"] > 0:
+                    for suffix, key in (("", "mean"), ("_lo", "ci_low"), ("_hi", "ci_high")):
+                        self.log(self._key(stage, split, f"miate_{kind}{suffix}"), result[key],
+                                 add_dataloader_idx=False)
+            for metric in ev.values():
+                metric.reset()
+            if not self.trainer.sanity_checking:
+                self.eval_results[split] = {"split": split, "stage": stage, **results}
 
-    def _write_json(self, relative: str, payload: dict) -> None:
-        path = self.run_dir / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2))
-
-    def _write_predictions(self, stage: str) -> None:
-        """Gather (id, label, p_hateful) from every rank; rank 0 writes one row per id."""
-        chunks = self._predictions.pop(stage, [])
-        ids = [i for c in chunks for i in c[0]]
-        labels = torch.cat([c[1] for c in chunks]).tolist() if chunks else []
-        probs = torch.cat([c[2] for c in chunks]).tolist() if chunks else []
-        rows = list(zip(ids, labels, probs))
-        if self.trainer.world_size > 1:
-            gathered = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        if not self.trainer.is_global_zero:
+    def _say_once(self, stage: str, split: str, positives: int, negatives: int) -> None:
+        """An unlabeled or one-class split has no AUROC: say so once a run, never log a made-up 0."""
+        if (stage, split) in self._skips_said:
             return
-        frame = pd.DataFrame(rows, columns=["id", "label", "p_hateful"])
-        frame = frame.drop_duplicates("id").sort_values("id").reset_index(drop=True)  # DDP sampler padding
-        path = self.run_dir / "predictions" / f"{self._split_name(stage)}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(path, index=False)
+        self._skips_said.add((stage, split))
+        what = "has no labels" if positives + negatives == 0 else f"has one class only ({positives} hateful, {negatives} benign)"
+        rank_zero_info(f"memefx: {stage} split {split!r} {what}: AUROC/accuracy not computed"
+                       + ("" if positives + negatives else ", miATE skipped") + "; predictions are still written")
 
     # ------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):

@@ -7,6 +7,7 @@ Reads only files other tools can read too: the CSV logger's ``metrics.csv``, ``m
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -16,17 +17,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-KINDS = ("shared_image", "shared_text")
+from memefx.errors import UserError, read_json  # noqa: E402
+from memefx.schema import KINDS  # noqa: E402
 
 
 def epoch_metrics(run_dir: Path) -> pd.DataFrame:
-    """Per-epoch evaluation metrics from the newest CSV-logger ``metrics.csv`` under the run directory."""
+    """Per-epoch evaluation metrics of the fit, from the CSV logger's ``metrics.csv`` files.
+
+    Only epochs that trained are kept: an evaluation after the fit (the best checkpoint re-validated or
+    tested) is logged by Lightning under the epoch counter's final value, an epoch that never ran; its
+    numbers are in ``metrics.json`` and the miATE files, with the checkpoint's true epoch.
+    """
     files = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"{run_dir}: no metrics.csv (was the run logged with the CSV logger?)")
     # a resumed run logs into a new logger version: later files win for the epochs they repeat
     frame = pd.concat([pd.read_csv(f).assign(_order=i) for i, f in enumerate(files)], ignore_index=True)
     frame = frame.sort_values(["_order"], kind="stable").drop(columns="_order")
+    trained = [c for c in frame.columns if c.startswith("train/")]
+    if trained and frame[trained].notna().any().any():
+        last = frame.loc[frame[trained].notna().any(axis=1), "epoch"].max()
+        frame = frame[frame.epoch <= last]
     cols = [c for c in frame.columns if c.startswith(("val/", "test/"))]
     return frame[["epoch", *cols]].dropna(how="all", subset=cols).groupby("epoch").last().reset_index()
 
@@ -81,30 +92,51 @@ def plot_threshold_curve(miate: dict, out: Path) -> Path | None:
     return _save(fig, out / f"{miate['split']}_threshold_curve.png")
 
 
-def midas_tables(run_dir: Path) -> dict[tuple[str, int], Path]:
-    """(stage, epoch) -> table path of every MIDAS table in the run directory."""
+TABLE_NAME = re.compile(r"^(?P<stage>train|val|test)(?P<ckpt>_ckpt)?_epoch(?P<epoch>\d+|init)$")
+
+
+def midas_tables(run_dir: Path) -> dict[tuple[str, int, bool], Path]:
+    """(stage, epoch, from a checkpoint evaluated after the fit) -> path of every MIDAS table."""
     out = {}
-    for path in (run_dir / "midas").glob("*_epoch*.parquet"):
-        stage, epoch = path.stem.rsplit("_epoch", 1)
-        out[(stage, int(epoch))] = path
+    for path in (run_dir / "midas").glob("*.parquet"):
+        match = TABLE_NAME.match(path.stem)
+        if match is None:
+            continue
+        epoch = -1 if match["epoch"] == "init" else int(match["epoch"])
+        out[(match["stage"], epoch, bool(match["ckpt"]))] = path
     return dict(sorted(out.items()))
 
 
-def plot_midas_curves(tables: dict[tuple[str, int], Path], out: Path, score: str = "attattr") -> Path | None:
-    """Block means (sums of sums over sums of counts) per epoch, one panel per stage."""
+def plot_midas_curves(tables: dict[tuple[str, int, bool], Path], out: Path, score: str = "attattr") -> Path | None:
+    """Block means (sums of sums over sums of counts) per epoch, one panel per stage.
+
+    Epochs of the fit are joined by lines; a checkpoint evaluated after the fit is a lone marker at the
+    epoch that trained its weights.
+    """
     from memefx.attribution.midas import block_summary
 
     if not tables:
         return None
-    summary = pd.concat([block_summary(pd.read_parquet(p, filters=[("score", "==", score)])) for p in tables.values()])
+    parts = []
+    for (_, _, ckpt), path in tables.items():
+        parts.append(block_summary(pd.read_parquet(path, filters=[("score", "==", score)])).assign(ckpt=ckpt))
+    summary = pd.concat(parts)
     stages = [s for s in ("train", "val", "test") if s in set(summary.stage)]
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.8), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         rows = summary[summary.stage == stage]
-        for block, part in rows.groupby("block"):
-            ax.plot(part.epoch, part["mean"], marker="o", label=block)
+        for i, (block, part) in enumerate(rows.groupby("block")):
+            color = f"C{i}"
+            fit = part[~part.ckpt]
+            if len(fit):
+                ax.plot(fit.epoch, fit["mean"], marker="o", color=color, label=block)
+            ckpt = part[part.ckpt]
+            if len(ckpt):
+                ax.scatter(ckpt.epoch, ckpt["mean"], marker="*", s=120, color=color,
+                           label=f"{block} (checkpoint)" if fit.empty else None)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set(title=f"{stage}: MIDAS {score} block mean", xlabel="epoch")
+        ax.set(title=f"{stage}: MIDAS {score} block mean", xlabel="epoch (star: checkpoint after the fit)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
     return _save(fig, out / f"midas_{score}_curves.png")
 
@@ -144,20 +176,14 @@ def stratum_analysis(run_dir: Path, table_path: Path, miate: dict) -> dict | Non
 
 
 def _run_confounders(run_dir: Path) -> Path | None:
-    """The confounder table a run used, from its saved config (synthetic default included)."""
-    import yaml
-
-    from memefx.data.datamodule import MemeDataModule
-
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        return None
-    import inspect
-
-    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-    known = inspect.signature(MemeDataModule).parameters
-    dm = MemeDataModule(**{k: v for k, v in data.items() if k in known})  # runs of older versions too
-    return dm._table(dm.hparams.confounders, "confounders.parquet")
+    """The confounder table a run used, as recorded in its provenance (synthetic default included)."""
+    for name in ("provenance.json", "provenance_test.json", "provenance_validate.json"):
+        path = run_dir / name
+        if path.is_file():
+            recorded = ((read_json(path).get("data") or {}).get("tables") or {}).get("confounders")
+            if recorded and Path(recorded).is_file():
+                return Path(recorded)
+    return None
 
 
 def _save(fig, path: Path) -> Path:
@@ -189,12 +215,20 @@ def miate_table(miates: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def is_run_directory(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in
+                                 ("config.yaml", "provenance.json", "metrics.json", "predictions", "miate"))
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report/report.md`` and its PNG plots; return the markdown path."""
     run_dir = Path(run_dir)
+    if not is_run_directory(run_dir):
+        raise UserError(f"{run_dir} is not a memefx run directory (no config.yaml, provenance.json, metrics.json, "
+                        "predictions/ or miate/): give the folder passed as --trainer.default_root_dir")
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    miates = [json.loads(p.read_text()) for p in sorted((run_dir / "miate").glob("*.json"))]
+    miates = [read_json(p) for p in sorted((run_dir / "miate").glob("*.json"))]
     plots = []
     try:
         frame = epoch_metrics(run_dir)
@@ -205,7 +239,7 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         note = ""
     plots += [plot_threshold_curve(m, out) for m in miates]
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
     md = [f"# memefx report: {run_dir}", ""]
     if metrics:
         md += ["| metric | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())] + [""]
@@ -218,7 +252,9 @@ def write_report(run_dir: str | Path) -> Path:
         plots.append(plot_midas_curves(tables, out))
         evals = [(k, p) for k, p in tables.items() if k[0] in ("val", "test")]
         if evals:
-            (stage, epoch), last = max(evals, key=lambda kv: (kv[0][0] == "val", kv[0][1]))
+            # the table of the weights the miATE files describe: a checkpoint evaluated after the fit, else
+            # the last validation epoch
+            (stage, epoch, _), last = max(evals, key=lambda kv: (kv[0][0] == "val", kv[0][2], kv[0][1]))
             plots.append(plot_midas_heatmap(last, out))
             # the miATE of the same stage; a lone miATE file is unambiguous (val and test on one split)
             match = [m for m in miates if m.get("stage") == stage] or (miates if len(miates) == 1 else [])
