@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from memefx.data.collate import train_wordpiece
 from memefx.icl.engine import EngineConfig, generate, load, run, score
 from memefx.icl.prompts import Member, meme_prompt, pair_prompt
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "user system caption image picture text hateful benign sarcastic pair pairs all are the most likely is with label"
@@ -88,15 +90,17 @@ def test_score_mode_gives_p_hateful(tiny_llama, tmp_path):
     assert out.p_hateful.between(0, 1).all() and {"logprob_benign", "logprob_hateful"} <= set(out.columns)
 
 
+@pytest.mark.slow  # spawns processes
 def test_torchrun_two_processes_equal_one(tiny_llama, tmp_path):
     prompts = tmp_path / "prompts.parquet"
     _prompts(9).to_parquet(prompts)
-    base = ["icl", "run", "--prompts", str(prompts), "--model", tiny_llama, "--max-new-tokens", "4", "--batch-size", "2"]
+    base = ["icl", "run", "--prompts", str(prompts), "--engine.model", tiny_llama, "--engine.max_new_tokens", "4",
+            "--engine.batch_size", "2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     one = subprocess.run([sys.executable, "-m", "memefx.cli", *base, "--cache", str(tmp_path / "c1"),
                           "--out", str(tmp_path / "one.parquet")], capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29733",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                           "-m", "memefx.cli", *base, "--cache", str(tmp_path / "c2"), "--out", str(tmp_path / "two.parquet")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
@@ -120,20 +124,30 @@ def test_quantized_weights_load_and_run_on_cpu(quant_llama, quantize):
 
 
 def test_icl_configs_fill_run_options(tiny_llama, tmp_path):
+    """The YAML configs and the flags share one schema: run's signature with EngineConfig nested."""
     import yaml
 
     from memefx.cli import main
+    from memefx.icl.cli import build_parser
 
+    parser = build_parser()
     for path in sorted((ROOT / "configs" / "icl").glob("*.yaml")):
         values = yaml.safe_load(path.read_text())
-        assert values["quantize"] == "nf4" and values["model"].startswith("meta-llama/Llama-2-")
+        assert values["engine"]["quantize"] == "nf4" and values["engine"]["model"].startswith("meta-llama/Llama-2-")
+        parsed = parser.parse_args(["run", "--config", str(path), "--prompts", "p", "--cache", "c", "--out", "o",
+                                    "--engine.batch_size", "3"])
+        engine = parser.instantiate(parsed)["run"].engine
+        assert isinstance(engine, EngineConfig) and engine.batch_size == 3 and engine.quantize == "nf4"
     prompts = tmp_path / "p.parquet"
     _prompts(2).to_parquet(prompts)
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": tiny_llama, "max_new_tokens": 2, "batch_size": 1}))
+    config.write_text(yaml.safe_dump({"engine": {"model": tiny_llama, "max_new_tokens": 2, "batch_size": 1}}))
     assert main(["icl", "run", "--config", str(config), "--prompts", str(prompts), "--cache", str(tmp_path / "c"),
                  "--out", str(tmp_path / "o.parquet")]) == 0
     assert pd.read_parquet(tmp_path / "o.parquet").generated_text.notna().all()
+    config.write_text(yaml.safe_dump({"engine": {"model": tiny_llama, "no_such_option": 1}}))
+    with pytest.raises(SystemExit):  # an unknown key is refused, never ignored
+        main(["icl", "run", "--config", str(config), "--prompts", str(prompts), "--cache", "c", "--out", "o"])
 
 
 def test_gpu_check_script_runs_on_cpu_with_a_tiny_model():
@@ -144,3 +158,121 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_model():
                           env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "score_prompts_per_s=" in done.stdout and done.stdout.count("generate_s_per_prompt=") == 2
+
+
+def _independent_logp(model, tok, prompt: str, cont: str) -> float:
+    """log p(continuation | prompt) from one unpadded forward of the joined text, with no cache."""
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    ids = tok(prompt + cont, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.log_softmax(-1)[0, n - 1:-1].gather(1, ids[0, n:, None]).sum()
+    return float(logp)
+
+
+def test_multi_token_continuations_scored_on_the_prompt_cache(tiny_llama):
+    """Continuations of several tokens (second forward on the key/value cache) equal a plain forward, and the
+    prompt is forwarded once: forwarded tokens = prompt tokens + (continuation tokens - 1) per continuation."""
+    from memefx.icl.engine import EngineStats, encode_continuations
+
+    model, tok = load(EngineConfig(model=tiny_llama))
+    prompts = _prompts(5).prompt.tolist()
+    conts = (" benign", " all pairs are hateful", " the most likely label is sarcastic")
+    stats = EngineStats()
+    got = score(model, tok, prompts, conts, stats=stats)
+    for p, lps in zip(prompts, got):
+        assert lps == pytest.approx([_independent_logp(model, tok, p, c) for c in conts], abs=1e-4)
+    n_cont = [len(c) for p in prompts for c in encode_continuations(tok, p, conts)]
+    assert max(n_cont) > 3  # the cache path is exercised
+    assert stats.prompt_tokens == sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    assert stats.forwarded_tokens == stats.prompt_tokens + sum(n - 1 for n in n_cont)
+
+
+def test_length_batches_group_similar_lengths():
+    from memefx.icl.engine import length_batches
+
+    lengths = [50, 3, 48, 4, 49, 5]
+    batches = length_batches(lengths, 2)
+    assert batches == [[1, 3], [5, 2], [4, 0]]
+    assert sorted(i for b in batches for i in b) == list(range(6))
+
+
+def test_ranks_shard_all_keys_first_and_resume_a_torn_two_process_run(tiny_llama, tmp_path):
+    """Two ranks killed at different points, one with a torn last line, resume: no prompt lost or repeated.
+
+    Rank 0 finishes its shard before rank 1 reads the cache: when ranks split only what they saw missing,
+    rank 1 then took every other prompt of its own half and left the rest to nobody."""
+    cfg = EngineConfig(model=tiny_llama, max_new_tokens=3, batch_size=2)
+    prompts = _prompts(9)
+    full = run(prompts, cfg, tmp_path / "one")
+    cache = tmp_path / "two"
+    assert run(prompts, cfg, cache, rank=1, world_size=2, limit=2) is None  # killed after 2 prompts
+    with open(cache / "rank1.jsonl", "a") as f:
+        f.write('{"key": "3fa9c1", "generated_te')  # torn by the kill
+    with pytest.raises(RuntimeError, match="rerun"):  # rank 0 alone cannot merge: rank 1's shard is unfinished
+        run(prompts, cfg, cache, rank=0, world_size=2)
+    assert run(prompts, cfg, cache, rank=1, world_size=2) is None  # rank 1 resumes after rank 0 wrote its shard
+    with pytest.warns(UserWarning, match="skipped 1 cache line"):
+        merged = run(prompts, cfg, cache, rank=0, world_size=2)
+    pd.testing.assert_frame_equal(full, merged)
+    keys = [json.loads(line)["key"] for shard in ("rank0.jsonl", "rank1.jsonl")
+            for line in (cache / shard).read_text().splitlines() if line.endswith("}")]
+    assert len(keys) == len(set(keys)) == prompts.prompt.nunique()
+
+
+def test_cache_skips_lines_that_are_json_but_no_answer(tiny_llama, tmp_path):
+    cfg = EngineConfig(model=tiny_llama, max_new_tokens=3)
+    prompts = _prompts(3)
+    full = run(prompts, cfg, tmp_path / "c")
+    with open(tmp_path / "c" / "rank0.jsonl", "a") as f:
+        f.write('[1, 2]\n"text"\n{"key": 5}\n{"key": "abc"}\n{"key": "abd", "generated_text": null}\n')
+    with pytest.warns(UserWarning, match="skipped 5 cache line.*not an answer object"):
+        again = run(prompts, cfg, tmp_path / "c", model=_Refuse(), tok=_Refuse())
+    pd.testing.assert_frame_equal(full, again)
+
+
+class _Refuse:
+    """A model that must not be used: the cache should answer."""
+
+    def __getattr__(self, name):
+        raise AssertionError("the cache should have answered")
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the cache should have answered")
+
+
+def test_cache_follows_the_weights_not_the_path(tiny_llama, tmp_path):
+    """A copy of the model elsewhere reuses the cache; new weights in the same folder recompute."""
+    import shutil
+
+    from memefx.icl.engine import model_fingerprint
+
+    cfg = EngineConfig(model=tiny_llama, max_new_tokens=3)
+    prompts = _prompts(3)
+    full = run(prompts, cfg, tmp_path / "c")
+    copy = shutil.copytree(tiny_llama, tmp_path / "copy")
+    moved = run(prompts, EngineConfig(model=str(copy), max_new_tokens=3), tmp_path / "c", model=_Refuse(), tok=_Refuse())
+    pd.testing.assert_frame_equal(full, moved)
+    before = model_fingerprint(str(copy))
+    torch.manual_seed(1)
+    model = LlamaForCausalLM.from_pretrained(copy)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(copy)
+    assert model_fingerprint(str(copy)) != before
+    with pytest.raises(AssertionError, match="cache should have answered"):
+        run(prompts, EngineConfig(model=str(copy), max_new_tokens=3), tmp_path / "c", model=_Refuse(), tok=_Refuse())
+
+
+@pytest.mark.parametrize("name", ["/no/such/folder", "no-such-model-xyz", "nobody/no-such-model"])
+def test_missing_model_folder_is_a_clear_user_error(name, tmp_path, capsys):
+    from memefx.cli import main
+    from memefx.icl.engine import UserError, load
+
+    with pytest.raises(UserError, match=f"no model folder '{name}'"):
+        load(EngineConfig(model=name))
+    prompts = tmp_path / "p.parquet"
+    _prompts(2).to_parquet(prompts)
+    assert main(["icl", "run", "--prompts", str(prompts), "--engine.model", name, "--cache", str(tmp_path / "c"),
+                 "--out", str(tmp_path / "o.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("memefx icl run: no model folder") and "\n" not in err

@@ -1,7 +1,8 @@
 """Image descriptions with BLIP-2 (SPEC section 5): the four variants of the caption table.
 
 Each (image content, prompt variant, model, settings) is generated once: results are cached by a hash of
-the image bytes, so identical pictures (confounders share them) and reruns cost nothing.
+the image bytes and of the model's weights (not its path), so identical pictures (confounders share them)
+and reruns cost nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pandas as pd
 import torch
 
 from memefx.data.hmc import load_image
-from memefx.icl.engine import ResultCache
+from memefx.icl.engine import ResultCache, UserError, model_fingerprint, resolve_model
 
 # prompt per caption-table column; "{text}" is the meme's overlaid text
 VARIANTS = {
@@ -25,8 +26,8 @@ VARIANTS = {
 }
 
 
-def _key(image_digest: str, prompt: str, model: str, max_new_tokens: int) -> str:
-    payload = json.dumps([image_digest, prompt, model, max_new_tokens])
+def _key(image_digest: str, prompt: str, model_fingerprint: str, max_new_tokens: int) -> str:
+    payload = json.dumps([image_digest, prompt, model_fingerprint, max_new_tokens])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -34,9 +35,13 @@ def load_blip2(path: str):
     """(model, processor) from a local folder or the local HF cache; the processor pads on the left."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    processor = Blip2Processor.from_pretrained(path, local_files_only=True)
+    folder = str(resolve_model(path))
+    try:
+        processor = Blip2Processor.from_pretrained(folder, local_files_only=True)
+        model = Blip2ForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
+    except (OSError, ValueError) as err:
+        raise UserError(f"model folder {folder} does not load as BLIP-2 with its processor: {err}") from err
     processor.tokenizer.padding_side = "left"
-    model = Blip2ForConditionalGeneration.from_pretrained(path, local_files_only=True).eval()
     return model, processor
 
 
@@ -45,15 +50,16 @@ def describe(memes: pd.DataFrame, root: str | Path, model_path: str, cache: str 
              max_new_tokens: int = 40, model=None, processor=None) -> pd.DataFrame:
     """Caption table (image_id + the four variants) for ``memes`` (columns id, img, text) under ``root``."""
     root = Path(root)
-    store = ResultCache(cache)
+    store = ResultCache(cache, valid=lambda row: isinstance(row.get("description"), str))
     done = {k: row["description"] for k, row in store.load().items()}
+    fingerprint = model_fingerprint(model_path)
     digests = {i: hashlib.sha256((root / img).read_bytes()).hexdigest() for i, img in zip(memes.id, memes.img)}
     requests = {}  # key -> (image path, prompt)
     cells = []
     for meme_id, img, text in zip(memes.id, memes.img, memes.text):
         for column, template in VARIANTS.items():
             prompt = template.format(text=text.replace("'", ""))
-            key = _key(digests[meme_id], prompt, model_path, max_new_tokens)
+            key = _key(digests[meme_id], prompt, fingerprint, max_new_tokens)
             cells.append((meme_id, column, key))
             if key not in done:
                 requests.setdefault(key, (root / img, prompt))

@@ -1,247 +1,311 @@
-"""``memefx icl describe|prompts|run|parse|table``: descriptions, prompts, the LLM engine, parsing, tables."""
+"""``memefx icl describe|prompts|run|parse|table|metagrad``, built from the typed functions they call.
+
+Each subcommand is one function below (or the library function it wraps); jsonargparse turns its
+signature, with the dataclasses it takes (``EngineConfig``), into flags, ``--config`` YAML and ``--help``
+(from the docstrings), as LightningCLI does for ``memefx fit``: an option is written once, where it is used.
+``memefx icl run --config configs/icl/llama2_13b_chat_nf4.yaml --engine.batch_size 4`` mixes both.
+
+Flags use the parameter names (``--max_groups``, ``--engine.max_new_tokens``); ``--max-groups`` is accepted
+too, a bare boolean flag means true, and a list option takes ``0,2`` as well as ``[0, 2]``. User errors
+(a missing file, a model folder that is not there, a malformed table) exit 2 with a one-line message.
+"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import inspect
 import json
+import os
+import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
+
+from memefx.icl.engine import EngineConfig, UserError
 
 
 def _read(path: str) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"memefx icl: {p} not found")
-    return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+        raise UserError(f"{p} not found")
+    try:
+        table = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    except pd.errors.EmptyDataError as err:
+        raise UserError(f"{p} is empty (no header, no rows)") from err
+    return table
 
 
-def _run(a) -> int:
-    import os
+def _write(table: pd.DataFrame, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False) if out.endswith(".csv") else table.to_parquet(out, index=False)
 
+
+# --------------------------------------------------------------------------------------------------- describe
+def describe(root: str, model: str, cache: str, out: str, splits: list[str] = ["train", "dev_seen", "test_seen"],  # noqa: B006
+             batch_size: int = 8, max_new_tokens: int = 40) -> str:
+    """BLIP-2 descriptions of an HMC folder's images, written in the caption-table schema.
+
+    Args:
+        root: HMC-layout folder (jsonl files and img/)
+        model: local folder of a Blip2ForConditionalGeneration
+        cache: folder of cached descriptions (keyed by image content)
+        out: caption table to write (hm_captions.parquet)
+        splits: splits whose images are described
+        batch_size: images per generate call
+        max_new_tokens: description length cap
+    """
+    from memefx.data.hmc import read_hmc
+    from memefx.icl.captions import describe as describe_images
+
+    frames = read_hmc(root, splits)
+    memes = pd.concat(frames.values()).drop_duplicates("id")
+    table = describe_images(memes, root, model, cache, batch_size, max_new_tokens)
+    _write(table, out)
+    return f"memefx icl describe: {len(table)} images -> {out}"
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+def prompts(captions: str, out: str, confounders: str | None = None, hmc: str | None = None, split: str = "dev_seen",
+            layout: Literal["memefx", "published"] = "memefx", from_published: str | None = None,
+            kind: Literal["shared_image", "shared_text"] = "shared_image", shots: list[int] = [0, 1, 2, 3, 4],  # noqa: B006
+            seed: int | None = None, char_cap: int | None = None, text_column: str = "text",
+            description_column: str = "text_captioned", budget: int | None = None, tokenizer: str | None = None,
+            per_meme: bool = False) -> str:
+    """Pair-selection prompts of a split's target groups (k shots each), per-meme prompts, or a published set replayed.
+
+    Args:
+        captions: caption table (hm_captions.parquet)
+        out: prompt table to write (.parquet)
+        confounders: confounder table (confounders.parquet); optional for a replay
+        hmc: HMC folder whose <split>.jsonl gives the meme texts and labels (needed by published/replay)
+        split: split whose groups are the targets
+        layout: memefx (per kind, seeded sampler, token budget) or published (the published procedure)
+        from_published: published answer file whose prompts are replayed byte for byte
+        kind: stratum kind (memefx layout)
+        shots: shot counts k
+        seed: memefx layout 0, published layout 1987 when not given
+        char_cap: published layout: drop prompts longer than this (default 2000)
+        text_column: caption-table column standing in for the meme text when no hmc is given
+        description_column: caption-table column describing the picture
+        budget: token budget per prompt (memefx layout; needs tokenizer)
+        tokenizer: local tokenizer folder measuring the budget
+        per_meme: one per-meme prompt per stratum member instead (for --mode score)
+    """
+    from memefx.icl.prompts import build_prompts
+
+    table = build_prompts(confounders, captions, hmc, split, layout, kind, from_published, shots, seed, char_cap,
+                          budget, tokenizer, per_meme, text_column, description_column)
+    if "unmapped" in table:
+        problems = [f"{g} {k}-shot: {u}" for g, k, us in zip(table.group, table.few_shot_num, table.unmapped) for u in us]
+        if problems:
+            print(f"memefx icl prompts: {len(problems)} published pairs not mapped to a meme (listed in the "
+                  f"'unmapped' column; first: {problems[0]})", file=sys.stderr)
+    _write(table, out)
+    return f"memefx icl prompts: {len(table)} prompts for {table.group.nunique()} strata -> {out}"
+
+
+# -------------------------------------------------------------------------------------------------------- run
+def run(prompts: str, cache: str, out: str, engine: EngineConfig, mode: Literal["generate", "score"] = "generate",
+        continuations: list[str] = [" benign", " hateful"]) -> str:  # noqa: B006
+    """Generate (or score) every prompt; resumable, and sharded by rank under torchrun.
+
+    The output carries every column of the prompt table. In score mode it adds ``logprob_<continuation>``
+    and ``p_hateful``: on per-meme prompts (``id, label``) that is a predictions table for ``memefx miate``.
+
+    Args:
+        prompts: prompt table with a 'prompt' column (from memefx icl prompts)
+        cache: folder of per-rank result shards (rerun the same command to resume)
+        out: merged table to write (.parquet)
+        engine: model and decoding settings
+        mode: free-form answers, or log-probabilities of the continuations
+        continuations: label continuations scored in score mode (' benign' then ' hateful')
+    """
     import torch
 
-    from memefx.icl.engine import EngineConfig, run
+    from memefx.icl.engine import run as run_engine
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    table = _read(prompts)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    cfg = EngineConfig(model=a.model, dtype=a.dtype, quantize=a.quantize, batch_size=a.batch_size,
-                       max_new_tokens=a.max_new_tokens, do_sample=a.sample, seed=a.seed)
     try:
-        merged = run(_read(a.prompts), cfg, a.cache, a.mode, rank=rank, world_size=world)
-        if merged is not None:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            merged.to_parquet(a.out, index=False)
-            print(f"memefx icl run: {len(merged)} rows -> {a.out}")
+        merged = run_engine(table, engine, cache, mode, tuple(continuations), rank=rank, world_size=world)
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    if merged is None:
+        return ""
+    if "id" in merged:
+        merged["id"] = merged["id"].astype(str)
+    _write(merged, out)
+    message = f"memefx icl run: {len(merged)} rows -> {out}"
+    if mode == "score" and "p_hateful" in merged and "label" in merged:
+        labeled = merged[merged.label.isin([0, 1])]
+        if labeled.label.nunique() == 2:
+            from sklearn.metrics import roc_auc_score
+
+            message += f"; AUROC(p_hateful) = {roc_auc_score(labeled.label, labeled.p_hateful):.4f} on {len(labeled)} rows"
+    return message
 
 
-def _prompts(a) -> int:
-    from memefx.data.strata import strata_members
-    from memefx.data.tables import read_captions, read_confounders
-    from memefx.icl.prompts import build_prompt_table
+# ------------------------------------------------------------------------------------------------ parse, table
+def _pairs(answers: pd.DataFrame, column: str | None) -> tuple[pd.DataFrame, bool]:
+    """Per-pair rows: a run's per-prompt output is expanded first (True when it was)."""
+    from memefx.icl.answers import expand_answers, is_run_output
 
-    members = strata_members(read_confounders(a.confounders))
-    members = members[(members.split == a.split) & (members.kind == a.kind)]
-    if members.empty:
-        raise SystemExit(f"memefx icl prompts: no {a.kind} strata in split {a.split!r}")
-    captions = read_captions(a.captions)
-    texts = dict(zip(captions.image_id, captions[a.text_column]))
-    descriptions = dict(zip(captions.image_id, captions[a.description_column]))
-    missing = sorted(set(members.id) - set(texts))
-    if missing:
-        raise SystemExit(f"memefx icl prompts: {len(missing)} stratum members have no caption row: {missing[:10]}")
-    if a.per_meme:
-        from memefx.icl.prompts import meme_prompt
-
-        rows = members.drop_duplicates("id")
-        table = pd.DataFrame({"id": rows.id.values, "group": rows.anchor.values, "label": rows.label.values,
-                              "prompt": [meme_prompt(texts[i], descriptions[i])[0] for i in rows.id]})
-    else:
-        cost = None
-        if a.budget is not None:
-            if not a.tokenizer:
-                raise SystemExit("memefx icl prompts: --budget needs --tokenizer")
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(a.tokenizer, local_files_only=True)
-
-            def cost(prompt: str) -> int:
-                return len(tok(prompt)["input_ids"])
-
-        table = build_prompt_table(members, texts, descriptions, [int(k) for k in a.shots.split(",")], a.seed,
-                                   a.budget, cost)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(a.out, index=False)
-    print(f"memefx icl prompts: {len(table)} prompts for {table.group.nunique()} strata -> {a.out}")
-    return 0
+    if answers.empty:
+        raise UserError("answers table has no rows")
+    if is_run_output(answers):
+        return expand_answers(answers, column or "generated_text"), True
+    return answers, False
 
 
-def _importance_plot(result: dict, path: Path) -> Path | None:
-    """Bar chart of the top feature groups (kind | zero-shot, delta or dual | layer) per outcome."""
-    import matplotlib
+def parse(answers: str, out: str, column: str | None = None) -> str:
+    """Free-form answers -> parsed_is_* verdicts per pair; accepts a run's output directly.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Args:
+        answers: a run's output (one row per prompt) or a per-pair answers table (published layout)
+        out: parsed table to write (.csv or .parquet)
+        column: answer text column (default extracted_info when present, else generated_text)
+    """
+    from memefx.icl.parse import parse_table
 
-    panels = [(name, r["importance"]) for name, r in result["outcomes"].items() if "importance" in r]
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (name, importance) in zip(axes[0], panels):
-        top = list(importance.items())[:10][::-1]
-        ax.barh([k for k, _ in top], [v for _, v in top])
-        ax.set(title=f"{name}: |standardized coefficient|", xlabel="sum over heads")
-        ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    table, expanded = _pairs(_read(answers), column)
+    parsed = parse_table(table, "generated_text" if expanded else column)
+    _write(parsed, out)
+    hand = [c for c in ("is_functional", "is_formatted", "is_hateful") if c in parsed]
+    agreement = {c: round(float((parsed[c] == parsed[f"parsed_{c}"]).mean()), 4) for c in hand}
+    return json.dumps({"rows": len(parsed), "parsed_functional": int(parsed.parsed_is_functional.sum()),
+                       "agreement_with_hand_labels": agreement})
 
 
-def _metagrad(a) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def table(answers: str, parsed: bool = False, json: bool = False) -> str:  # noqa: A002 - the flag's name
+    """Accuracy and ATE of is_hateful (and hateful-or-sarcastic) per shot count.
 
-    from memefx.icl.metagrad_analysis import analyse
-    from memefx.icl.metagrad_features import features_table
+    Args:
+        answers: parsed answers (memefx icl parse), a per-pair answers table, or a run's output
+        parsed: score the parsed_is_* columns, parsing first if absent (implied for a run's output)
+        json: print JSON instead of a short table
+    """
+    import json as json_lib
 
-    answers = _read(a.answers)
-    if a.max_groups:
-        answers = answers[answers.image_id.isin(answers.image_id.drop_duplicates().head(a.max_groups))]
-    model = AutoModelForCausalLM.from_pretrained(a.model, local_files_only=True, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(a.model, local_files_only=True)
-    layers = [int(x) for x in a.layers.split(",")] if a.layers else None
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    features = features_table(answers, model, tok, layers)
-    features.to_parquet(out / "features.parquet", index=False)
-    result = analyse(features, answers)
-    (out / "analysis.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# meta-gradient analysis ({result['rows']} answer rows, {result['groups']} groups, "
-             f"{result['features']} features)", "",
-             "| outcome | positive | grouped AUC [95% CI] | row split (leaky) AUC | top features |", "|---|---:|---|---|---|"]
-    for name, r in result["outcomes"].items():
-        if "grouped" not in r:
-            lines.append(f"| {name} | {r['positive']} | {r.get('note', '')} | | |")
-            continue
-        g, leak = r["grouped"], r["row_split_leaky"]
-        top = ", ".join(list(r["importance"])[:3])
-        lines.append(f"| {name} | {r['positive']} | {g['auc']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}] | "
-                     f"{leak['auc']:.3f} | {top} |")
-    plot = _importance_plot(result, out / "importance.png")
-    if plot:
-        lines += ["", f"![importance]({plot.name})"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print(f"memefx icl metagrad: {len(features)} prompts, {result['features']} features -> {out}")
-    return 0
-
-
-def main(argv: list[str]) -> int:
     from memefx.icl.metrics import shot_table
     from memefx.icl.parse import parse_table
 
-    p = argparse.ArgumentParser(prog="memefx icl")
-    sub = p.add_subparsers(dest="command", required=True)
-    parse = sub.add_parser("parse", help="free-form answers -> parsed_is_* verdict columns")
-    parse.add_argument("--answers", required=True)
-    parse.add_argument("--out", required=True, help=".csv or .parquet")
-    parse.add_argument("--column", default=None, help="answer text column (default extracted_info)")
-    table = sub.add_parser("table", help="accuracy and ATE per shot count")
-    table.add_argument("--answers", required=True)
-    table.add_argument("--parsed", action="store_true", help="score the parsed_is_* columns (parsing first if absent)")
-    table.add_argument("--json", action="store_true")
-    run = sub.add_parser("run", help="generate or score every prompt (resumable; torchrun shards by rank)")
-    run.add_argument("--config", default=None, help="YAML of these options (configs/icl/*.yaml); flags override")
-    run.add_argument("--prompts", required=True, help="table with a 'prompt' column")
-    run.add_argument("--model", default=None, help="local folder of a causal LM (or a cached hub id)")
-    run.add_argument("--mode", choices=["generate", "score"], default="generate")
-    run.add_argument("--cache", required=True, help="folder of per-rank result shards")
-    run.add_argument("--out", required=True, help="merged table (.parquet)")
-    run.add_argument("--quantize", choices=["nf4", "int8"], default=None)
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    run.add_argument("--batch-size", type=int, default=8)
-    run.add_argument("--max-new-tokens", type=int, default=64)
-    run.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
-    run.add_argument("--seed", type=int, default=0)
-    prompts = sub.add_parser("prompts", help="pair-selection prompts for every stratum of a split, k = 0..4 shots")
-    prompts.add_argument("--confounders", required=True)
-    prompts.add_argument("--captions", required=True)
-    prompts.add_argument("--split", default="dev_seen")
-    prompts.add_argument("--kind", choices=["shared_image", "shared_text"], default="shared_image")
-    prompts.add_argument("--shots", default="0,1,2,3,4")
-    prompts.add_argument("--seed", type=int, default=0)
-    prompts.add_argument("--text-column", default="text", help="caption-table column standing in for the meme text")
-    prompts.add_argument("--description-column", default="text_captioned")
-    prompts.add_argument("--budget", type=int, default=None, help="token budget per prompt (needs --tokenizer)")
-    prompts.add_argument("--tokenizer", default=None, help="local tokenizer folder measuring the budget")
-    prompts.add_argument("--per-meme", action="store_true", help="one per-meme prompt per stratum member instead")
-    prompts.add_argument("--out", required=True)
-    desc = sub.add_parser("describe", help="BLIP-2 descriptions of an HMC folder's images (caption-table schema)")
-    desc.add_argument("--root", required=True, help="HMC-layout folder")
-    desc.add_argument("--splits", default="train,dev_seen,test_seen")
-    desc.add_argument("--model", required=True, help="local folder of a Blip2ForConditionalGeneration")
-    desc.add_argument("--cache", required=True)
-    desc.add_argument("--out", required=True, help="hm_captions.parquet")
-    desc.add_argument("--batch-size", type=int, default=8)
-    desc.add_argument("--max-new-tokens", type=int, default=40)
-    meta = sub.add_parser("metagrad", help="per-layer attention-mass and dual-form features, and their analysis")
-    meta.add_argument("--answers", required=True, help="answers table with prompt, image_id, few_shot_num and labels")
-    meta.add_argument("--model", required=True, help="local folder of the causal LM that answered")
-    meta.add_argument("--out", required=True, help="folder for features.parquet, analysis.json, report.md")
-    meta.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
-    meta.add_argument("--max-groups", type=int, default=None, help="first N target groups only")
-    a = p.parse_args(argv)
-    if a.command == "metagrad":
-        return _metagrad(a)
-    if a.command == "describe":
-        from memefx.data.hmc import read_hmc
-        from memefx.icl.captions import describe
+    rows, expanded = _pairs(_read(answers), None)
+    parsed = parsed or expanded
+    if parsed and "parsed_is_functional" not in rows:
+        rows = parse_table(rows, "generated_text" if expanded else None)
+    result = shot_table(rows, parsed=parsed)
+    if json:
+        return json_lib.dumps(result, indent=2)
+    lines = []
+    for shot, r in result.items():
+        h = r["is_hateful"]["all"]
+        lines.append(f"{shot:>16}  n={r['n']:4d}  acc(is_hateful)={h['accuracy']:.3f}  ATE={h['ate']:.3f}")
+    return "\n".join(lines)
 
-        frames = read_hmc(a.root, a.splits.split(","))
-        memes = pd.concat(frames.values()).drop_duplicates("id")
-        table = describe(memes, a.root, a.model, a.cache, a.batch_size, a.max_new_tokens)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_parquet(a.out, index=False)
-        print(f"memefx icl describe: {len(table)} images -> {a.out}")
-        return 0
-    if a.command == "prompts":
-        return _prompts(a)
-    if a.command == "run":
-        if a.config:
-            import yaml
 
-            values = yaml.safe_load(Path(a.config).read_text()) or {}
-            unknown = sorted(set(values) - set(vars(a)))
-            if unknown:
-                raise SystemExit(f"memefx icl run: {a.config}: unknown options {unknown}")
-            run.set_defaults(**values)
-            a = p.parse_args(argv)
-        if not a.model:
-            raise SystemExit("memefx icl run: --model (or model: in --config) is required")
-        return _run(a)
-    answers = _read(a.answers)
-    if a.command == "parse":
-        out = parse_table(answers, a.column)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        out.to_parquet(a.out, index=False) if a.out.endswith(".parquet") else out.to_csv(a.out, index=False)
-        hand = [c for c in ("is_functional", "is_formatted", "is_hateful") if c in answers]
-        agreement = {c: round(float((out[c] == out[f"parsed_{c}"]).mean()), 4) for c in hand}
-        print(json.dumps({"rows": len(out), "parsed_functional": int(out.parsed_is_functional.sum()),
-                          "agreement_with_hand_labels": agreement}))
-        return 0
-    if a.parsed and "parsed_is_functional" not in answers:
-        answers = parse_table(answers)
-    result = shot_table(answers, parsed=a.parsed)
-    if a.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for shot, r in result.items():
-            h = r["is_hateful"]["all"]
-            print(f"{shot:>16}  n={r['n']:4d}  acc(is_hateful)={h['accuracy']:.3f}  ATE={h['ate']:.3f}")
+# --------------------------------------------------------------------------------------------------- metagrad
+def metagrad(answers: str, model: str, out: str, layers: list[int] | None = None, max_groups: int | None = None,
+             features: Literal["ours", "published", "both"] = "ours") -> str:
+    """Per-layer meta-gradient features of every prompt, and their analysis against the layout baseline.
+
+    Args:
+        answers: answers table with prompt, image_id, few_shot_num and labels
+        model: local folder of the causal LM that answered
+        out: folder for features.parquet, analysis.json, report.md, importance.png
+        layers: layer indices (default: all)
+        max_groups: first N target groups only
+        features: ours (per-head means), published (head-summed per-token, tail-aligned) or both
+    """
+    from memefx.icl.engine import resolve_model
+    from memefx.icl.metagrad_report import run_metagrad
+
+    folder = run_metagrad(answers, str(resolve_model(model)), out, layers, max_groups, features)
+    return f"memefx icl metagrad: {features} features and analysis -> {folder}"
+
+
+# ------------------------------------------------------------------------------------------------- the parser
+def commands() -> dict[str, Callable[..., str]]:
+    """Subcommand name -> the typed function it runs (its signature is the subcommand's schema)."""
+    return {"describe": describe, "prompts": prompts, "run": run, "parse": parse, "table": table,
+            "metagrad": metagrad}
+
+
+def _option_types(func: Callable, prefix: str = "") -> dict[str, object]:
+    """Flag name -> type hint of every parameter, dataclass fields flattened as ``name.field``."""
+    hints = typing.get_type_hints(func)
+    out = {}
+    for name in [p for p in hints if p != "return"]:
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            out.update(_option_types(hint, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = hint
+    return out
+
+
+def _normalize(argv: list[str], types: dict[str, object]) -> list[str]:
+    """Accept the spellings users type: ``--a-b`` for ``--a_b``, a bare boolean flag, ``0,2`` for a list."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not token.startswith("--") or token == "--":
+            out.append(token)
+            continue
+        name, eq, value = token[2:].partition("=")
+        name = name.replace("-", "_")
+        hint = types.get(name)
+        args = set(typing.get_args(hint)) | {hint}
+        if not eq and i < len(argv) and not argv[i].startswith("--"):
+            value, eq = argv[i], "="
+            i += 1
+        if bool in args and not eq:
+            value, eq = "true", "="
+        if eq and value and not value.startswith("[") and any(typing.get_origin(a) is list for a in args):
+            items = value.split(",")
+            value = json.dumps([int(v) if v.strip().lstrip("-").isdigit() else v for v in items])
+        out.append(f"--{name}{eq}{value}" if eq else f"--{name}")
+    return out
+
+
+def build_parser():
+    """The jsonargparse parser of every subcommand, with a ``--config`` YAML each."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="memefx icl", description="In-context evaluation with an LLM (no Trainer).")
+    sub = parser.add_subcommands(dest="command", required=True)
+    for name, func in commands().items():
+        p = ArgumentParser(prog=f"memefx icl {name}", description=(func.__doc__ or "").split("\n")[0])
+        p.add_argument("--config", action=ActionConfigFile, help="YAML of these options; later flags override it")
+        p.add_function_arguments(func, fail_untyped=True)
+        sub.add_subcommand(name, p, help=(func.__doc__ or "").split("\n")[0])
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Run one ``memefx icl`` subcommand; user errors print one line and return 2."""
+    name = argv[0] if argv else ""
+    types = _option_types(commands()[name]) if name in commands() else {}
+    parser = build_parser()
+    config = parser.parse_args([name, *_normalize(argv[1:], types)] if name in commands() else argv)
+    init = parser.instantiate(config)[name]
+    func = commands()[name]
+    kwargs = {k: init[k] for k in inspect.signature(func).parameters}
+    try:
+        message = func(**kwargs)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        text = str(err).replace("\n", " ") or type(err).__name__
+        print(f"memefx icl {name}: {text}", file=sys.stderr)
+        return 2
+    if message:
+        print(message)
     return 0

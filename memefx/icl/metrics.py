@@ -47,7 +47,9 @@ def shot_table(answers: pd.DataFrame, parsed: bool = False) -> dict:
     """Per shot count (``few_shot_num``) and pooled over few-shot rows (k >= 1)."""
     missing = [c for c in ("few_shot_num", "ground_truth") if c not in answers]
     if missing:
-        raise ValueError(f"answers table lacks columns {missing}")
+        raise ValueError(f"answers table lacks columns {missing} (has {list(answers.columns)})")
+    if answers.empty:
+        raise ValueError("answers table has no rows: nothing to tabulate (did the run or the parse write any?)")
     table = {f"{int(k)}_shot": answer_metrics(rows, parsed) for k, rows in answers.groupby("few_shot_num")}
     few = answers[answers.few_shot_num >= 1]
     if len(few):
