@@ -12,6 +12,7 @@ too, a bare boolean flag means true, and a list option takes ``0,2`` as well as 
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
 import json
@@ -68,43 +69,26 @@ def describe(root: str, model: str, cache: str, out: str, splits: list[str] = ["
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
-def prompts(captions: str, out: str, confounders: str | None = None, hmc: str | None = None, split: str = "dev_seen",
-            layout: Literal["memefx", "published"] = "memefx", from_published: str | None = None,
-            kind: Literal["shared_image", "shared_text"] = "shared_image", shots: list[int] = [0, 1, 2, 3, 4],  # noqa: B006
-            seed: int | None = None, char_cap: int | None = None, text_column: str = "text",
-            description_column: str = "text_captioned", budget: int | None = None, tokenizer: str | None = None,
-            per_meme: bool = False) -> str:
-    """Pair-selection prompts of a split's target groups (k shots each), per-meme prompts, or a published set replayed.
+def prompts(out: str, **options) -> str:
+    """Prompt tables: memefx's layout, the published procedure, or the published prompts replayed.
 
-    Args:
-        captions: caption table (hm_captions.parquet)
-        out: prompt table to write (.parquet)
-        confounders: confounder table (confounders.parquet); optional for a replay
-        hmc: HMC folder whose <split>.jsonl gives the meme texts and labels (needed by published/replay)
-        split: split whose groups are the targets
-        layout: memefx (per kind, seeded sampler, token budget) or published (the published procedure)
-        from_published: published answer file whose prompts are replayed byte for byte
-        kind: stratum kind (memefx layout)
-        shots: shot counts k
-        seed: memefx layout 0, published layout 1987 when not given
-        char_cap: published layout: drop prompts longer than this (default 2000)
-        text_column: caption-table column standing in for the meme text when no hmc is given
-        description_column: caption-table column describing the picture
-        budget: token budget per prompt (memefx layout; needs tokenizer)
-        tokenizer: local tokenizer folder measuring the budget
-        per_meme: one per-meme prompt per stratum member instead (for --mode score)
-    """
+    The options are the parameters of ``memefx.icl.prompts.build_prompts`` (the subcommand's schema); the
+    table is written to ``out`` (.parquet)."""
     from memefx.icl.prompts import build_prompts
 
-    table = build_prompts(confounders, captions, hmc, split, layout, kind, from_published, shots, seed, char_cap,
-                          budget, tokenizer, per_meme, text_column, description_column)
-    if "unmapped" in table:
-        problems = [f"{g} {k}-shot: {u}" for g, k, us in zip(table.group, table.few_shot_num, table.unmapped) for u in us]
-        if problems:
-            print(f"memefx icl prompts: {len(problems)} published pairs not mapped to a meme (listed in the "
-                  f"'unmapped' column; first: {problems[0]})", file=sys.stderr)
+    table = build_prompts(**options)
     _write(table, out)
-    return f"memefx icl prompts: {len(table)} prompts for {table.group.nunique()} strata -> {out}"
+    message = f"memefx icl prompts: {len(table)} prompts for {table.group.nunique()} groups -> {out}"
+    if "unmapped" in table:
+        unmapped = sum(len(u) for u in table.unmapped if u is not None)
+        message += f"; {int(table.rebuilt.sum())} rebuilt byte for byte, {unmapped} pairs not mapped to a meme"
+    return message
+
+
+def _prompt_options():
+    from memefx.icl.prompts import build_prompts
+
+    return build_prompts
 
 
 # -------------------------------------------------------------------------------------------------------- run
@@ -233,9 +217,23 @@ def metagrad(answers: str, model: str, out: str, layers: list[int] | None = None
 
 # ------------------------------------------------------------------------------------------------- the parser
 def commands() -> dict[str, Callable[..., str]]:
-    """Subcommand name -> the typed function it runs (its signature is the subcommand's schema)."""
+    """Subcommand name -> the function it runs."""
     return {"describe": describe, "prompts": prompts, "run": run, "parse": parse, "table": table,
             "metagrad": metagrad}
+
+
+def schema(name: str) -> list[Callable]:
+    """The typed functions whose signatures make up a subcommand's options: its own, or (``prompts``) the
+    library function it wraps plus the ``out`` of the wrapper."""
+    if name == "prompts":
+        return [_out_only, _prompt_options()]
+    return [commands()[name]]
+
+
+def _out_only(out: str) -> None:
+    """Args:
+    out: table to write (.parquet, or .csv)
+    """
 
 
 def _option_types(func: Callable, prefix: str = "") -> dict[str, object]:
@@ -249,6 +247,9 @@ def _option_types(func: Callable, prefix: str = "") -> dict[str, object]:
         else:
             out[f"{prefix}{name}"] = hint
     return out
+
+
+_LISTS = (list, tuple, collections.abc.Sequence)
 
 
 def _normalize(argv: list[str], types: dict[str, object]) -> list[str]:
@@ -270,7 +271,7 @@ def _normalize(argv: list[str], types: dict[str, object]) -> list[str]:
             i += 1
         if bool in args and not eq:
             value, eq = "true", "="
-        if eq and value and not value.startswith("[") and any(typing.get_origin(a) is list for a in args):
+        if eq and value and not value.startswith("[") and any(typing.get_origin(a) in _LISTS for a in args):
             items = value.split(",")
             value = json.dumps([int(v) if v.strip().lstrip("-").isdigit() else v for v in items])
         out.append(f"--{name}{eq}{value}" if eq else f"--{name}")
@@ -286,7 +287,8 @@ def build_parser():
     for name, func in commands().items():
         p = ArgumentParser(prog=f"memefx icl {name}", description=(func.__doc__ or "").split("\n")[0])
         p.add_argument("--config", action=ActionConfigFile, help="YAML of these options; later flags override it")
-        p.add_function_arguments(func, fail_untyped=True)
+        for source in schema(name):
+            p.add_function_arguments(source, fail_untyped=True)
         sub.add_subcommand(name, p, help=(func.__doc__ or "").split("\n")[0])
     return parser
 
@@ -294,12 +296,12 @@ def build_parser():
 def main(argv: list[str]) -> int:
     """Run one ``memefx icl`` subcommand; user errors print one line and return 2."""
     name = argv[0] if argv else ""
-    types = _option_types(commands()[name]) if name in commands() else {}
+    types = {k: v for source in schema(name) for k, v in _option_types(source).items()} if name in commands() else {}
     parser = build_parser()
     config = parser.parse_args([name, *_normalize(argv[1:], types)] if name in commands() else argv)
     init = parser.instantiate(config)[name]
     func = commands()[name]
-    kwargs = {k: init[k] for k in inspect.signature(func).parameters}
+    kwargs = {k: init[k] for source in schema(name) for k in inspect.signature(source).parameters}
     try:
         message = func(**kwargs)
     except (UserError, ValueError, FileNotFoundError) as err:
