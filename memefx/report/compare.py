@@ -6,12 +6,14 @@ are compared with a tolerance and decide the exit status (non-zero when any resu
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from memefx.errors import read_json
+from memefx.schema import KINDS
 
 IGNORED = ("trainer.default_root_dir", "created", "argv", "data.root")
 
@@ -39,13 +41,29 @@ def _diff(a: dict, b: dict, skip: tuple[str, ...] = IGNORED) -> list[str]:
 def _load(path: Path, kind: str) -> dict:
     if not path.is_file():
         return {}
-    return yaml.safe_load(path.read_text()) if kind == "yaml" else json.loads(path.read_text())
+    return yaml.safe_load(path.read_text()) if kind == "yaml" else read_json(path)
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
 
 
 def _numbers_differ(x, y, atol: float) -> bool:
-    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
-        return False
-    return x is None or y is None or abs(float(x) - float(y)) > atol
+    """Missing (absent, None or NaN) on both sides is equal; on one side only, a difference."""
+    if _missing(x) or _missing(y):
+        return _missing(x) != _missing(y)
+    return abs(float(x) - float(y)) > atol
+
+
+def _files(a: Path, b: Path, pattern: str) -> list[Path]:
+    """Relative paths matching ``pattern`` in either run (a file only in B is seen too)."""
+    return sorted({p.relative_to(a) for p in a.glob(pattern)} | {p.relative_to(b) for p in b.glob(pattern)})
+
+
+def _only_in_one(a: Path, b: Path, rel: Path) -> str | None:
+    if (a / rel).is_file() and (b / rel).is_file():
+        return None
+    return f"{rel}: only in {'A' if (a / rel).is_file() else 'B'}"
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6) -> tuple[list[str], list[str]]:
@@ -60,10 +78,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6) -> tu
     for key in sorted(set(ma) | set(mb)):
         if _numbers_differ(ma.get(key), mb.get(key), atol):
             results.append(f"metric {key}: {ma.get(key)} -> {mb.get(key)}")
-    for rel in sorted({p.relative_to(a) for p in a.glob("predictions/*.parquet")} |
-                      {p.relative_to(b) for p in b.glob("predictions/*.parquet")}):
-        if not (a / rel).is_file() or not (b / rel).is_file():
-            results.append(f"{rel}: only in {'A' if (a / rel).is_file() else 'B'}")
+    for rel in _files(a, b, "predictions/*.parquet"):
+        if line := _only_in_one(a, b, rel):
+            results.append(line)
             continue
         x, y = pd.read_parquet(a / rel), pd.read_parquet(b / rel)
         merged = x.merge(y, on="id", how="outer", suffixes=("_a", "_b"), indicator=True)
@@ -72,16 +89,19 @@ def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6) -> tu
         gap = (merged.p_hateful_a - merged.p_hateful_b).abs().max()
         if gap > atol:
             results.append(f"{rel}: max |p_hateful difference| {gap:.3g}")
-    for rel in sorted({p.relative_to(a) for p in a.glob("miate/*.json")}):
+    for rel in _files(a, b, "miate/*.json"):
+        if line := _only_in_one(a, b, rel):
+            results.append(line)
+            continue
         x, y = _load(a / rel, "json"), _load(b / rel, "json")
-        for kind in ("shared_image", "shared_text"):
-            for key in ("mean", "ci_low", "ci_high", "n_strata"):
+        for kind in KINDS:
+            for key in ("mean", "ci_low", "ci_high", "n_strata", "weighted_mean"):
                 va, vb = (x.get(kind) or {}).get(key), (y.get(kind) or {}).get(key)
                 if _numbers_differ(va, vb, atol):
                     results.append(f"{rel} {kind}.{key}: {va} -> {vb}")
-    for rel in sorted({p.relative_to(a) for p in a.glob("midas/*.parquet")}):
-        if not (b / rel).is_file():
-            results.append(f"{rel}: only in A")
+    for rel in _files(a, b, "midas/*.parquet"):
+        if line := _only_in_one(a, b, rel):
+            results.append(line)
             continue
         keys = ["id", "layer", "head", "block", "score"]
         x = pd.read_parquet(a / rel).sort_values(keys, ignore_index=True)
