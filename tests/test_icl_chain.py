@@ -1,0 +1,137 @@
+"""The README chain ``icl prompts -> icl run -> icl parse -> icl table`` in-process on a tiny random Llama
+(CPU), and the per-meme score run feeding miATE and AUROC."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memefx.cli import main
+from memefx.icl.answers import expand_answers
+from memefx.icl.engine import UserError
+from tests.test_engine import _save_llama
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _save_llama(tmp_path_factory.mktemp("chain_llama"), 32)
+
+
+def _labels(root) -> dict[str, int]:
+    memes = pd.read_json(root / "dev_seen.jsonl", lines=True, dtype={"id": str})
+    return dict(zip(memes.id, memes.label.astype(int)))
+
+
+def _gold(labels: list[int]) -> str:
+    hateful = [f"#{i}" for i, y in enumerate(labels) if y == 1]
+    return (f"The most likely hateful or sarcastic pair is {' and '.join(hateful)}, with the potential label "
+            "'hateful'." if hateful else "All pairs are benign.")
+
+
+def test_readme_chain_end_to_end(tiny_root, llama, tmp_path, capsys):
+    p, a, parsed = tmp_path / "prompts.parquet", tmp_path / "answers.parquet", tmp_path / "parsed.parquet"
+    conf, caps = tiny_root / "confounders.parquet", tiny_root / "hm_captions.parquet"
+    assert main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--hmc", str(tiny_root),
+                 "--split", "dev_seen", "--shots", "0,1", "--out", str(p)]) == 0
+    prompts = pd.read_parquet(p)
+    assert len(prompts) > 4 and set(prompts.few_shot_num) == {0, 1}
+    assert main(["icl", "run", "--prompts", str(p), "--engine.model", llama, "--engine.max_new_tokens", "6",
+                 "--engine.batch_size", "4", "--cache", str(tmp_path / "cache"), "--out", str(a)]) == 0
+    run = pd.read_parquet(a)
+    assert set(prompts.columns) < set(run.columns) and run.generated_text.map(type).eq(str).all()
+    pd.testing.assert_frame_equal(run[prompts.columns], prompts)  # carried through, in order
+    capsys.readouterr()
+    assert main(["icl", "parse", "--answers", str(a), "--out", str(parsed)]) == 0
+    rows = pd.read_parquet(parsed)
+    assert len(rows) == sum(len(ids) for ids in prompts.member_ids)
+    labels = _labels(tiny_root)
+    assert (rows.ground_truth == rows.id.map(labels)).all()  # every pair is its meme, with its gold label
+    assert (rows.groupby(["image_id", "few_shot_num"]).ans_num.agg(list)
+            .map(lambda n: n == list(range(len(n))))).all()
+    assert {"parsed_is_functional", "parsed_is_hateful", "parsed_is_benign"} <= set(rows.columns)
+    capsys.readouterr()
+    assert main(["icl", "table", "--answers", str(parsed), "--parsed", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert {k: v["n"] for k, v in table.items()} == {"0_shot": int((rows.few_shot_num == 0).sum()),
+                                                     "1_shot": int((rows.few_shot_num == 1).sum()),
+                                                     "few_shot_pooled": int((rows.few_shot_num == 1).sum())}
+
+    # the same chain with answers planted: the gold answer of every prompt, and the gold answer shifted by one pair
+    for shift, accuracy in ((0, 1.0), (1, None)):
+        planted = run.copy()
+        planted["generated_text"] = [_gold(list(np.roll(ls, shift))) for ls in run.member_labels]
+        planted.to_parquet(tmp_path / "planted.parquet")
+        assert main(["icl", "table", "--answers", str(tmp_path / "planted.parquet"), "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["0_shot"]["is_hateful"]["all"]
+        expected = expand_answers(planted)
+        expected = expected[expected.few_shot_num == 0]
+        truth = expected.ground_truth.to_numpy()
+        pred = np.concatenate([np.roll(ls, shift) for ls in run[run.few_shot_num == 0].member_labels])
+        assert got["accuracy"] == pytest.approx(float((pred == truth).mean()))
+        assert got["ate"] == pytest.approx(float(pred[truth == 1].mean() - pred[truth == 0].mean()))
+        if accuracy is not None:
+            assert got["accuracy"] == accuracy and got["ate"] == 1.0
+
+
+def test_an_answer_naming_two_pairs_marks_both():
+    from memefx.icl.parse import parse_table
+    from memefx.icl.prompts import Member, pair_prompt
+
+    prompt = pair_prompt([Member(f"text {i}", f"picture {i}") for i in range(4)])
+    run = pd.DataFrame({"group": ["07"], "few_shot_num": [0], "prompt": [prompt], "member_ids": [["a", "b", "c", "d"]],
+                        "member_labels": [[0, 1, 0, 1]],
+                        "generated_text": ["The most likely hateful or sarcastic pairs are #1 and #3, both 'hateful'."]})
+    parsed = parse_table(expand_answers(run), "generated_text")
+    assert parsed.parsed_is_hateful.tolist() == [0, 1, 0, 1] and parsed.parsed_is_benign.tolist() == [1, 0, 1, 0]
+
+
+def test_malformed_run_output_is_a_clear_error(tmp_path, capsys):
+    from memefx.icl.prompts import Member, pair_prompt
+
+    prompt = pair_prompt([Member("a", "b"), Member("c", "d")])
+    bad = pd.DataFrame({"group": ["07"], "few_shot_num": [0], "prompt": [prompt], "member_ids": [["x", "y", "z"]],
+                        "member_labels": [[0, 1, 0]], "generated_text": ["All pairs are benign."]})
+    with pytest.raises(UserError, match=r"row 0 \(group '07', 0-shot\): 3 member ids, 3 labels, 2 pairs"):
+        expand_answers(bad)
+    score_run = bad.drop(columns=["generated_text"]).assign(p_hateful=0.5)
+    with pytest.raises(UserError, match="--mode score run gives p_hateful"):
+        expand_answers(score_run)
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("image_id,few_shot_num,ans_num,ground_truth,is_functional,is_hateful,is_sarcastic\n")
+    assert main(["icl", "table", "--answers", str(header_only)]) == 2
+    assert capsys.readouterr().err.strip() == "memefx icl table: answers table has no rows"
+    blank = tmp_path / "blank.csv"
+    blank.write_text("")
+    assert main(["icl", "table", "--answers", str(blank)]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_per_meme_scores_are_predictions_for_miate_and_auroc(tiny_root, llama, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    from memefx.causal.miate import miate_from_predictions
+    from memefx.data.strata import strata_members
+    from memefx.data.tables import read_confounders
+
+    p, out = tmp_path / "memes.parquet", tmp_path / "scores.parquet"
+    conf, caps = tiny_root / "confounders.parquet", tiny_root / "hm_captions.parquet"
+    assert main(["icl", "prompts", "--confounders", str(conf), "--captions", str(caps), "--hmc", str(tiny_root),
+                 "--per-meme", "--out", str(p)]) == 0
+    capsys.readouterr()
+    assert main(["icl", "run", "--prompts", str(p), "--engine.model", llama, "--mode", "score",
+                 "--cache", str(tmp_path / "c"), "--out", str(out)]) == 0
+    scores = pd.read_parquet(out)
+    assert scores.id.map(type).eq(str).all() and scores.p_hateful.between(0, 1).all()
+    auroc = roc_auc_score(scores.label, scores.p_hateful)
+    assert f"AUROC(p_hateful) = {auroc:.4f}" in capsys.readouterr().out
+    members = strata_members(read_confounders(conf))
+    result = miate_from_predictions(scores[["id", "label", "p_hateful"]], members, "shared_image", "dev_seen",
+                                    n_bootstrap=50)
+    # reference: per stratum, mean p over hateful members minus mean p over benign members, then the mean
+    rows = members[(members.kind == "shared_image") & (members.split == "dev_seen")].merge(
+        scores[["id", "p_hateful"]], on="id")
+    per = [g[g.label == 1].p_hateful.mean() - g[g.label == 0].p_hateful.mean() for _, g in rows.groupby("anchor")]
+    assert len(per) > 2 and result["mean"] == pytest.approx(float(np.mean(per)), abs=1e-9)
