@@ -1,7 +1,10 @@
-# memefx on an official PyTorch CUDA runtime image. The install lines are the Makefile's own
-# (TORCH pin, then the project with its extras); tests/test_container.py checks they stay in step.
-FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
-ENV PIP_NO_CACHE_DIR=1 WANDB_MODE=offline MEMEFX_CACHE=/cache PYTHONUNBUFFERED=1
+# memefx on a plain Python image. torch comes in once, from the Makefile's pin (its PyPI wheel brings the
+# CUDA libraries: `docker run --gpus all` uses the host's GPUs, and it runs on the CPU too). The install
+# lines are the Makefile's own (TORCH pin, then the project with its extras, then the install check);
+# tests/test_container.py checks they stay in step.
+FROM python:3.11-slim
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 WANDB_MODE=offline MEMEFX_CACHE=/cache PYTHONUNBUFFERED=1
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/memefx
 COPY pyproject.toml README.md Makefile constraints.txt ./
 COPY memefx ./memefx

@@ -27,11 +27,11 @@ run-here:  # `make run` where memefx is already installed (containers)
 	rm -rf $(RUN_DIR)
 	memefx fit --config configs/experiment/synthetic_visualbert.yaml --trainer.default_root_dir $(RUN_DIR)
 
-test: $(STAMP)
+test: $(STAMP)  # the default suite: in-process tests, no test marked slow
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+test-slow: $(STAMP)  # tests marked slow (subprocesses: DDP, torchrun, SLURM simulation, kill-resume); none is fine
+	$(BIN)/python -m pytest -q -m slow || test $$? -eq 5
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

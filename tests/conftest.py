@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import yaml
 
 from memefx.data.synthetic import SyntheticConfig, write_synthetic
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TINY_BACKBONE = {
-    "vocab_size": 512, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-    "image_encoder": "test_vit", "image_size": 32,
-}
+CONF = Path(__file__).resolve().parent / "conf"
+TINY_BACKBONE = yaml.safe_load((CONF / "tiny.yaml").read_text())["model"]["backbone_args"]
+
+
+def free_port() -> int:
+    """A TCP port no process listens on right now (the OS picks it: bind port 0), for DDP rendezvous,
+    so tests never collide with each other or with a user's jobs on a fixed port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_config(tmp_path: Path, root: Path, midas: bool = False, callbacks: Sequence[str] = ()) -> Path:
+    """``tests/conf/tiny.yaml`` with ``data.root`` set, written to ``tmp_path/tiny.yaml``.
+
+    ``midas`` adds the callbacks of ``conf/midas.yaml``; ``callbacks`` names further fragments of
+    ``tests/conf`` (lists of callbacks) appended in order.
+    """
+    cfg = yaml.safe_load((CONF / "tiny.yaml").read_text())
+    cfg["data"]["root"] = str(root)
+    fragments = (["midas"] if midas else []) + list(callbacks)
+    if fragments:
+        cfg["trainer"]["callbacks"] = [cb for name in fragments for cb in yaml.safe_load((CONF / f"{name}.yaml").read_text())]
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 @pytest.fixture(autouse=True, scope="session")
