@@ -42,3 +42,34 @@ def test_vocab_respects_size_and_unknown_words_fall_back_to_characters():
     assert len(tok) <= 60
     pieces = tok.tokenize("zorblings")
     assert "[UNK]" not in pieces and "".join(p.removeprefix("##") for p in pieces) == "zorblings"
+
+
+def test_max_length_must_hold_specials_and_one_token_per_segment():
+    import pytest
+
+    from memefx.data.collate import check_max_length
+
+    tok = train_wordpiece(CORPUS, 200)
+    with pytest.raises(ValueError, match=r"max_length=1 cannot hold the 2 special tokens plus one text token: "
+                                         r"set it to at least 3"):
+        check_max_length(tok, 1, pair=False)
+    with pytest.raises(ValueError, match=r"max_length=4 cannot hold the 3 special tokens plus one meme-text token "
+                                         r"and one image-side token: set it to at least 5"):
+        check_max_length(tok, 4, pair=True)
+    check_max_length(tok, 3, pair=False)
+    check_max_length(tok, 5, pair=True)
+    enc = encode(tok, ["pilots hate mondays"], ["a red star"], max_length=5)  # the smallest allowed keeps both
+    assert set(enc["segments"][0].tolist()) == {SPECIAL, TEXT, IMAGE}
+
+
+def test_batches_name_their_split_and_never_mix_two():
+    import pytest
+
+    from memefx.data.collate import MemeCollator
+
+    tok = train_wordpiece(CORPUS, 200)
+    item = {"id": "00001", "text": "pilots", "label": -1, "stratum_image": -1, "stratum_text": -1}
+    batch = MemeCollator(tok, 16)([{**item, "split": "test_unseen"}, {**item, "id": "00002", "split": "test_unseen"}])
+    assert batch["split"] == "test_unseen" and batch["labels"].tolist() == [-1, -1]
+    with pytest.raises(ValueError, match=r"mixes memes of splits \['dev_seen', 'test_seen'\]"):
+        MemeCollator(tok, 16)([{**item, "split": "dev_seen"}, {**item, "split": "test_seen"}])

@@ -68,3 +68,84 @@ def test_synthetic_default_is_written_once_and_reused():
     assert (dm.root / "synthetic.json").stat().st_mtime_ns == stamp
     dm.setup("fit")
     assert torch.is_tensor(next(iter(dm.train_dataloader()))["pixel_values"])
+
+
+def _hmc_without_images(tiny_root, tmp_path, unlabeled: tuple[str, ...] = ("test_seen",)):
+    """The synthetic folder as users receive HMC text: jsonl + caption table, no img/, test files unlabeled."""
+    import json
+    import shutil
+
+    root = tmp_path / "hmc"
+    root.mkdir()
+    for name in ("train.jsonl", "dev_seen.jsonl", "hm_captions.parquet"):
+        shutil.copy(tiny_root / name, root / name)
+    for split in unlabeled:
+        rows = [json.loads(line) for line in (tiny_root / "test_seen.jsonl").read_text().splitlines()]
+        (root / f"{split}.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n"
+                                                     for r in rows))
+    return root
+
+
+def test_caption_mode_needs_no_images_and_predicts_several_unlabeled_splits(tiny_root, tmp_path):
+    root = _hmc_without_images(tiny_root, tmp_path, ("test_seen", "test_unseen"))
+    dm = MemeDataModule(root=str(root), image_side="caption", batch_size=50, max_length=48,
+                        test_split=["dev_seen", "test_seen", "test_unseen"], predict_split="test_unseen")
+    assert dm.eval_splits("test") == ["dev_seen", "test_seen", "test_unseen"] and dm.split_names["test"] == "dev_seen"
+    dm.setup("test")
+    loaders = dm.test_dataloader()
+    assert isinstance(loaders, list) and len(loaders) == 3
+    for split, loader in zip(dm.eval_splits("test"), loaders):
+        batches = list(loader)
+        assert {b["split"] for b in batches} == {split}
+        labels = torch.cat([b["labels"] for b in batches])
+        assert len(labels) == len(dm.frames[split])
+        assert (labels == -1).all() if split.startswith("test") else (labels >= 0).all()
+    dm.setup("predict")
+    single = dm.predict_dataloader()
+    assert not isinstance(single, list) and next(iter(single))["split"] == "test_unseen"
+
+
+def test_pixel_mode_still_checks_every_image(tiny_root, tmp_path):
+    from memefx.data.hmc import HMCFormatError
+
+    root = _hmc_without_images(tiny_root, tmp_path)
+    with pytest.raises(HMCFormatError, match=r"missing images under .*hmc \(ids \d{5}"):
+        MemeDataModule(root=str(root), batch_size=8).setup("fit")
+
+
+def test_unlabeled_file_as_training_split_names_the_file(tiny_root, tmp_path):
+    from memefx.data.hmc import HMCFormatError
+
+    root = _hmc_without_images(tiny_root, tmp_path)
+    dm = MemeDataModule(root=str(root), image_side="caption", train_split="test_seen", val_split="dev_seen")
+    with pytest.raises(HMCFormatError, match=r"hmc/test_seen\.jsonl: \d+ of \d+ memes of the training split "
+                                             r"'test_seen' have no label"):
+        dm.setup("fit")
+
+
+def test_jsonl_id_without_caption_row_is_listed(tiny_root, tmp_path):
+    from memefx.data.hmc import HMCFormatError
+
+    root = _hmc_without_images(tiny_root, tmp_path)
+    caps = pd.read_parquet(root / "hm_captions.parquet")
+    dev_ids = pd.read_json(root / "dev_seen.jsonl", lines=True, dtype={"id": str}).id.tolist()
+    caps[~caps.image_id.astype(str).str.zfill(5).isin(dev_ids[:3])].to_parquet(root / "hm_captions.parquet")
+    dm = MemeDataModule(root=str(root), image_side="caption")
+    with pytest.raises(HMCFormatError, match=rf"3 memes have no 'text_captioned' description: ids {dev_ids[0]}"):
+        dm.setup("fit")
+
+
+def test_max_length_too_small_for_the_pair(tiny_root, tmp_path):
+    root = _hmc_without_images(tiny_root, tmp_path)
+    with pytest.raises(ValueError, match=r"data.max_length=4 cannot hold the 3 special tokens"):
+        MemeDataModule(root=str(root), image_side="caption", max_length=4).setup("fit")
+
+
+def test_train_memes_copied_into_an_evaluation_split_warn(tiny_root, tmp_path):
+    root = _hmc_without_images(tiny_root, tmp_path)
+    train = (root / "train.jsonl").read_text().splitlines()
+    with open(root / "dev_seen.jsonl", "a") as f:
+        f.write(train[0] + "\n" + train[1] + "\n")
+    dm = MemeDataModule(root=str(root), image_side="caption", confounders=None)
+    with pytest.warns(UserWarning, match=r"split 'dev_seen': 2 ids also in 'train' \(\d{5}, \d{5}\)"):
+        dm.setup("fit")

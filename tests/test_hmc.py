@@ -133,3 +133,67 @@ def test_caption_table_ids_normalized(tmp_path):
     pd.DataFrame({"image_id": [1456], "text": ["a"], "text_detailed": ["b"], "text_captioned": ["c"],
                   "text_detailed_captioned": ["d"]}).to_parquet(path)
     assert read_captions(path).image_id.tolist() == ["01456"]
+
+
+@pytest.mark.parametrize("split", ["train", "dev_seen", "test_unseen"])
+def test_zero_byte_split_is_an_error(tmp_path, split):
+    path = tmp_path / f"{split}.jsonl"
+    path.write_bytes(b"")
+    with pytest.raises(HMCFormatError, match=rf"{split}\.jsonl: split '{split}' holds no memes \(the file is empty\)"):
+        read_split(path)
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(_row(1).encode() + b"\n" + b'{"id": 2, "img": "img/2.png", "text": "caf\xe9", "label": 0}\n')
+    with pytest.raises(HMCFormatError, match=r"train\.jsonl:2: byte b'\\xe9' at column \d+ is not UTF-8"):
+        read_split(path)
+
+
+@pytest.mark.parametrize("label", [True, False])
+def test_boolean_label_is_rejected(tmp_path, label):
+    path = _write(tmp_path / "train.jsonl", [_row(1), _row(7, label=label)])
+    with pytest.raises(HMCFormatError, match=rf"train\.jsonl:2: id 00007: label {label} is not 0 or 1"):
+        read_split(path)
+
+
+def test_test_split_label_null_means_unlabeled(tmp_path):
+    path = _write(tmp_path / "test_seen.jsonl", [_row(1, label=None), _row(2, label=1)])
+    assert read_split(path).label.tolist() == [-1, 1]
+
+
+def test_truncated_jpeg_fails_the_check_and_the_load_names_id_and_path(tmp_path):
+    good = tmp_path / "img" / "00001.jpg"
+    good.parent.mkdir()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(good, quality=90)
+    data = good.read_bytes()
+    cut = tmp_path / "img" / "00002.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    with Image.open(cut) as im:  # the header check alone lets it through
+        im.verify()
+    frame = pd.DataFrame({"id": ["00001", "00002"], "img": ["img/00001.jpg", "img/00002.jpg"]})
+    with pytest.raises(HMCFormatError, match=r"1 unreadable images \(ids 00002 \(.*00002\.jpg: OSError"):
+        check_images(tmp_path, frame)
+    with pytest.raises(HMCFormatError, match=r"meme 00002: image .*00002\.jpg cannot be decoded"):
+        load_image(cut, "00002")
+
+
+def test_caption_table_missing_the_chosen_column(tmp_path):
+    path = tmp_path / "caps.parquet"
+    pd.DataFrame({"image_id": ["00001"], "text": ["a picture"]}).to_parquet(path)
+    with pytest.raises(HMCFormatError, match=r"caps\.parquet: missing columns \['text_captioned'\] \(has \['image_id', 'text'\]\)"):
+        read_captions(path, ("text_captioned",))
+    assert read_captions(path, ("text",)).text.tolist() == ["a picture"]  # only the columns in use are needed
+
+
+def test_leakage_lists_ids_and_copied_memes():
+    from memefx.data.hmc import leakage, leakage_message
+
+    train = pd.DataFrame({"id": ["00001", "00002"], "text": ["a", "b"], "img": ["img/1.png", "img/2.png"]})
+    dev = pd.DataFrame({"id": ["00001", "00003", "00004"], "text": ["a", "b", "c"],
+                        "img": ["img/1.png", "img/2.png", "img/4.png"]})
+    found = leakage(train, dev)
+    assert found == {"ids": ["00001"], "text_img": ["00003"]}
+    message = leakage_message("dev_seen", "train", found)
+    assert "1 ids also in 'train' (00001)" in message and "1 memes whose exact (text, img) is a 'train' meme (00003)" in message
+    assert leakage_message("dev_seen", "train", leakage(train, dev.iloc[2:])) is None

@@ -15,8 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-SPECIAL, TEXT, IMAGE, PAD = 0, 1, 2, 3
-SEGMENT_NAMES = {SPECIAL: "special", TEXT: "text", IMAGE: "image", PAD: "pad"}
+from memefx.schema import IMAGE, PAD, SEGMENT_NAMES, SPECIAL, TEXT  # noqa: F401  (re-exported for older imports)
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -59,13 +59,27 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     ``minilm`` names the tokenizer of the packaged MiniLM (extra ``memefx[minilm]``).
     """
     if name_or_path == "minilm":
-        from memefx.models.backbones.caption_pair import minilm_path
+        from memefx.pretrained import minilm_path
 
         name_or_path = minilm_path()
     tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, use_fast=True)
     if not tok.is_fast:
         raise ValueError(f"tokenizer {name_or_path!r} is not a fast tokenizer; segments need sequence_ids")
     return tok
+
+
+def check_max_length(tokenizer: PreTrainedTokenizerFast, max_length: int, pair: bool) -> None:
+    """Fail when ``max_length`` cannot hold the special tokens plus one token of each segment.
+
+    Below that, the tokenizer silently ignores the limit (1) or truncates every text token away (2),
+    and the model trains on nothing but [CLS]/[SEP].
+    """
+    specials = tokenizer.num_special_tokens_to_add(pair=pair)
+    needed = specials + (2 if pair else 1)
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < needed:
+        what = "one meme-text token and one image-side token" if pair else "one text token"
+        raise ValueError(f"data.max_length={max_length!r} cannot hold the {specials} special tokens plus {what}: "
+                         f"set it to at least {needed} (typical: 48 to 128)")
 
 
 def encode(
@@ -101,7 +115,8 @@ class MemeCollator:
     """Turn a list of dataset items into a batch: ids, tokens, segments, image input, labels, strata.
 
     The image side is either ``pixel_values`` (pixels mode) or description tokens in the text pair
-    (caption mode). Stratum ids are -1 where a meme belongs to no stratum of that kind.
+    (caption mode). Stratum ids are -1 where a meme belongs to no stratum of that kind; labels are -1 for
+    unlabeled memes. ``batch["split"]`` names the split of the items (one split per batch).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, max_length: int = 48, caption_mode: bool = False,
@@ -120,6 +135,11 @@ class MemeCollator:
             pairs = [it["tags"] or "[UNK]" for it in items]
         batch = encode(self.tokenizer, texts, pairs, self.max_length)
         batch["ids"] = [it["id"] for it in items]
+        splits = {it["split"] for it in items if "split" in it}
+        if len(splits) > 1:
+            raise ValueError(f"one batch mixes memes of splits {sorted(splits)}: use one DataLoader per split")
+        if splits:
+            batch["split"] = splits.pop()
         batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
         batch["stratum_image"] = torch.tensor([it["stratum_image"] for it in items], dtype=torch.long)
         batch["stratum_text"] = torch.tensor([it["stratum_text"] for it in items], dtype=torch.long)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -13,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from memefx.data.collate import MemeCollator, load_tokenizer, train_wordpiece
-from memefx.data.hmc import HMCFormatError, load_image, read_hmc
+from memefx.data.collate import MemeCollator, check_max_length, load_tokenizer, train_wordpiece
+from memefx.data.hmc import UNLABELED, HMCFormatError, leakage, leakage_message, load_image, read_hmc
 from memefx.data.regions import check_regions, load_regions
 from memefx.data.strata import KINDS, stratum_lookup
 from memefx.data.synthetic import SyntheticConfig, write_synthetic
@@ -26,8 +27,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEMEFX_CACHE", Path.home() / ".cache" / "memefx"))
 
 
+ROLES = ("train", "val", "test", "predict")
+
+
 class MemeDataset(Dataset):
-    """Items of one split; images are decoded lazily (they were validated at setup)."""
+    """Items of one split; images are decoded lazily (they were validated at setup).
+
+    Every item carries its ``split`` name, so the collated batch says which split it comes from.
+    """
 
     def __init__(self, frame: pd.DataFrame, root: Path | None, transform, descriptions: list[str] | None,
                  regions: Path | None = None):
@@ -43,7 +50,7 @@ class MemeDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.frame.iloc[index]
         item = {
-            "id": row.id, "text": row.text, "label": int(row.label),
+            "id": row.id, "text": row.text, "label": int(row.label), "split": row.split,
             "stratum_image": int(row.stratum_image), "stratum_text": int(row.stratum_text),
         }
         if "tags" in self.frame.columns:
@@ -53,7 +60,7 @@ class MemeDataset(Dataset):
         elif self.regions is not None:
             item["regions"] = load_regions(self.regions, row.id)
         else:
-            item["pixel_values"] = self.transform(load_image(self.root / row.img))
+            item["pixel_values"] = self.transform(load_image(self.root / row.img, row.id))
         return item
 
 
@@ -125,7 +132,13 @@ class MemeDataModule(L.LightningDataModule):
             once to the cache from ``synthetic`` settings. ``None`` with ``confounders`` and ``captions``:
             table-only data (meme text from ``text_column``, image side from ``caption_column``).
         confounders: confounder table (default ``<root>/confounders.parquet`` when present).
-        captions: caption table (default ``<root>/hm_captions.parquet`` when present).
+        captions: caption table (default ``<root>/hm_captions.parquet`` when present); only ``image_id``
+            and the columns in use are required. No image file is opened in caption mode.
+        train_split: split trained on; it must be labeled (an unlabeled file here is an error).
+        val_split: split validated on every epoch.
+        test_split, predict_split: one split or a list (one DataLoader per split, in this order; every
+            batch carries ``batch["split"]``). Unlabeled splits (test files without labels) are read with
+            label -1.
         image_side: ``pixels`` (images through the image transform), ``caption`` (the description as
             the second segment of a text pair) or ``regions`` (precomputed features, see ``region_features``).
         caption_column: description variant used in caption mode.
@@ -151,8 +164,8 @@ class MemeDataModule(L.LightningDataModule):
         captions: str | None = None,
         train_split: str = "train",
         val_split: str = "dev_seen",
-        test_split: str = "test_seen",
-        predict_split: str = "test_seen",
+        test_split: str | list[str] = "test_seen",
+        predict_split: str | list[str] = "test_seen",
         image_side: Literal["pixels", "caption", "regions"] = "pixels",
         caption_column: str = "text_captioned",
         text_column: str = "text",
@@ -180,7 +193,8 @@ class MemeDataModule(L.LightningDataModule):
             raise ValueError("image_side='regions' and region_features=FOLDER go together")
         self.synthetic_config = SyntheticConfig(**(synthetic or {})) if root is None and not self.tables_only else None
         self.frames: dict[str, pd.DataFrame] = {}
-        self.datasets: dict[str, MemeDataset] = {}
+        self.datasets: dict[str, MemeDataset] = {}  # role -> dataset of its first split
+        self.split_datasets: dict[str, dict[str, MemeDataset]] = {}  # role -> split -> dataset
         self.tokenizer = None
         self.transform = v2.Compose([
             v2.ToImage(), v2.Resize((image_size, image_size), antialias=True),
@@ -201,10 +215,22 @@ class MemeDataModule(L.LightningDataModule):
             return self.root / name
         return None
 
+    def eval_splits(self, role: str) -> list[str]:
+        """The split names of a role (``train``, ``val``, ``test`` or ``predict``), in loader order."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}: expected one of {ROLES}")
+        given = self.hparams[f"{role}_split"]
+        names = [given] if isinstance(given, str) else list(given)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"data.{role}_split must be a split name or a non-empty list of names, got {given!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.{role}_split lists a split twice: {names}")
+        return names
+
     @property
     def split_names(self) -> dict[str, str]:
-        h = self.hparams
-        return {"train": h.train_split, "val": h.val_split, "test": h.test_split, "predict": h.predict_split}
+        """The first split of each role (the only one unless ``test_split``/``predict_split`` is a list)."""
+        return {role: self.eval_splits(role)[0] for role in ROLES}
 
     # ----------------------------------------------------------------------------------------- setup
     def prepare_data(self) -> None:
@@ -220,7 +246,7 @@ class MemeDataModule(L.LightningDataModule):
     def _load(self, splits: list[str]) -> dict[str, pd.DataFrame]:
         if self.tables_only:
             conf = read_confounders(self.hparams.confounders)
-            caps = read_captions(self.hparams.captions)
+            caps = read_captions(self.hparams.captions, (self.hparams.text_column, self.hparams.caption_column))
             out = {}
             for split in splits:
                 rows = conf[conf.split == split]
@@ -237,7 +263,7 @@ class MemeDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         roles = wanted.get(stage, ["train", "val", "test"])
-        names = sorted({self.split_names[r] for r in roles} | {self.hparams.train_split})
+        names = sorted({n for r in roles for n in self.eval_splits(r)} | {self.hparams.train_split})
         frames = self._load([n for n in names if n not in self.frames])
         conf_path = self._table(self.hparams.confounders, "confounders.parquet")
         conf = read_confounders(conf_path) if conf_path and frames else None  # only for newly loaded splits
@@ -251,15 +277,57 @@ class MemeDataModule(L.LightningDataModule):
                 tags = pd.read_parquet(self._under_root(self.hparams.tags_file))
                 frame["tags"] = frame.id.map(dict(zip(tags.id.astype(str).str.zfill(5), tags.tags))).fillna("")
             self.frames[split] = frame
+        if "train" in roles:
+            self._check_trainable()
+        self._warn_leakage(list(frames))
         if self.tokenizer is None:
             self.tokenizer = self._build_tokenizer()
+        check_max_length(self.tokenizer, self.hparams.max_length, self._pair_mode)
         regions = self._under_root(self.hparams.region_features) if self.hparams.region_features else None
         for role in roles:
-            split = self.split_names[role]
-            if regions is not None:
-                self.region_dim = check_regions(regions, self.frames[split].id.tolist())
-            self.datasets[role] = MemeDataset(self.frames[split], self.root, self.transform, self._descriptions(split),
-                                              regions)
+            per_split = {}
+            for split in self.eval_splits(role):
+                if regions is not None:
+                    self.region_dim = check_regions(regions, self.frames[split].id.tolist())
+                per_split[split] = MemeDataset(self.frames[split], self.root, self.transform,
+                                               self._descriptions(split), regions)
+            self.split_datasets[role] = per_split
+            self.datasets[role] = next(iter(per_split.values()))
+
+    @property
+    def _pair_mode(self) -> bool:
+        """Whether a second text segment (description or object tags) follows the meme text."""
+        return self.hparams.image_side == "caption" or bool(self.hparams.tags_file)
+
+    def _split_file(self, split: str) -> str:
+        if self.tables_only:
+            return f"{self.hparams.confounders} (split {split!r})"
+        return str(self.root / f"{split}.jsonl")
+
+    def _check_trainable(self) -> None:
+        """Training needs labels: an unlabeled file given as the training split is an error naming it."""
+        split = self.hparams.train_split
+        frame = self.frames[split]
+        unlabeled = frame[frame.label == UNLABELED]
+        if len(unlabeled):
+            raise HMCFormatError(
+                f"{self._split_file(split)}: {len(unlabeled)} of {len(frame)} memes of the training split "
+                f"{split!r} have no label (first ids {unlabeled.id.tolist()[:10]}); train on a labeled split "
+                "(data.train_split) and evaluate this one with test_split or predict_split"
+            )
+
+    def _warn_leakage(self, loaded: list[str]) -> None:
+        """Warn (listing ids) when memes of the training split reappear in an evaluation split."""
+        train_split = self.hparams.train_split
+        train = self.frames.get(train_split)
+        if train is None:
+            return
+        for split in loaded:
+            if split == train_split:
+                continue
+            message = leakage_message(split, train_split, leakage(train, self.frames[split]))
+            if message:
+                warnings.warn(message, stacklevel=2)
 
     def _under_root(self, path: str) -> Path:
         """A relative path that exists under the data root means that one (e.g. the synthetic truth table)."""
@@ -273,8 +341,8 @@ class MemeDataModule(L.LightningDataModule):
         path = self._table(self.hparams.captions, "hm_captions.parquet")
         if path is None:
             raise HMCFormatError(f"caption mode needs a caption table: none given and none in {self.root}")
-        if getattr(self, "_captions", None) is None:
-            self._captions = read_captions(path)  # read once: every split and the tokenizer use it
+        if getattr(self, "_captions", None) is None:  # read once: every split and the tokenizer use it
+            self._captions = read_captions(path, (self.hparams.caption_column,))
         return descriptions_for(self._captions, self.frames[split].id.tolist(), self.hparams.caption_column, path)
 
     def _build_tokenizer(self):
@@ -289,16 +357,34 @@ class MemeDataModule(L.LightningDataModule):
         return train_wordpiece(texts, self.hparams.vocab_size)
 
     # ----------------------------------------------------------------------------------------- loaders
-    def _loader(self, role: str, shuffle: bool) -> DataLoader:
+    def _loader(self, role: str, shuffle: bool) -> DataLoader | list[DataLoader]:
+        """One loader, or one per split (in ``eval_splits`` order) when the role lists several."""
+        if role not in self.split_datasets:
+            raise RuntimeError(f"no {role!r} data: call setup() for the stage that uses it first")
+        loaders = [self._split_loader(d, shuffle) for d in self.split_datasets[role].values()]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def _split_loader(self, dataset: MemeDataset, shuffle: bool) -> DataLoader:
         collate = MemeCollator(self.tokenizer, self.hparams.max_length, self.hparams.image_side == "caption",
                                tags_as_pair=bool(self.hparams.tags_file))
         workers = self.hparams.num_workers
-        dataset = self.datasets[role]
-        sampler = EpochSeededSampler(dataset, self.hparams.shuffle_seed) if shuffle else None
+        sampler = EpochSeededSampler(dataset, self.hparams.shuffle_seed) if shuffle else self._eval_sampler(dataset)
         return (ResumableDataLoader if shuffle else DataLoader)(
             dataset, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate,
             num_workers=workers, persistent_workers=workers > 0,
         )
+
+    def _eval_sampler(self, dataset: MemeDataset):
+        """Under DDP, each evaluation sample on exactly one rank (Lightning's default sampler pads the last
+        batch with repeats, which AUROC and accuracy would count twice); ``None`` on one process."""
+        trainer = self.trainer  # a LightningDataModule's trainer, None outside one
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+
+        return UnrepeatedDistributedSamplerWrapper(torch.utils.data.SequentialSampler(dataset),
+                                                   num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                                   shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -306,8 +392,8 @@ class MemeDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._loader("test", shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._loader("predict", shuffle=False)

@@ -51,11 +51,18 @@ def read_split(path: str | Path, split: str | None = None) -> pd.DataFrame:
     split = split or path.stem
     labeled = split in LABELED_SPLITS
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw_bytes in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise HMCFormatError(
+                    f"{where}: byte {raw_bytes[err.start:err.start + 1]!r} at column {err.start + 1} is not UTF-8 "
+                    f"({raw_bytes[:60]!r}); re-save the file as UTF-8"
+                ) from None
             if not raw.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as err:
@@ -70,12 +77,17 @@ def read_split(path: str | Path, split: str | None = None) -> pd.DataFrame:
             if not isinstance(text, str):
                 raise HMCFormatError(f"{where}: id {meme_id}: 'text' must be a string (empty is fine), got {text!r}")
             label = obj.get("label", UNLABELED)
-            if labeled and label not in (0, 1) or not labeled and label not in (0, 1, UNLABELED):
+            if label is None and not labeled:
+                label = UNLABELED
+            if isinstance(label, bool) or labeled and label not in (0, 1) or not labeled and label not in (0, 1, UNLABELED):
                 raise HMCFormatError(
                     f"{where}: id {meme_id}: label {label!r} is not 0 or 1"
                     + (f" (split {split!r} must be labeled)" if labeled else "")
                 )
             rows.append((meme_id, str(obj["img"]), text, int(label), split, line_no))
+    if not rows:
+        raise HMCFormatError(f"{path}: split {split!r} holds no memes (the file is empty); restore the file "
+                             "or leave this split out of the configuration")
     frame = pd.DataFrame(rows, columns=["id", "img", "text", "label", "split", "line"])
     dup = frame[frame.id.duplicated(keep=False)]
     if len(dup):
@@ -86,7 +98,11 @@ def read_split(path: str | Path, split: str | None = None) -> pd.DataFrame:
 
 
 def check_images(root: str | Path, frame: pd.DataFrame, verify: bool = True) -> None:
-    """Fail with the count and first ids of memes whose image is missing or cannot be decoded."""
+    """Fail with the count and first ids of memes whose image is missing or cannot be decoded.
+
+    With ``verify`` every image is decoded in full: a truncated JPEG passes PIL's header ``verify()``
+    and would otherwise crash a DataLoader worker in the middle of an epoch.
+    """
     root = Path(root)
     missing, unreadable = [], []
     for meme_id, img in zip(frame.id, frame.img):
@@ -98,8 +114,10 @@ def check_images(root: str | Path, frame: pd.DataFrame, verify: bool = True) -> 
             try:
                 with Image.open(path) as im:
                     im.verify()
+                with Image.open(path) as im:  # verify() leaves the file unusable: reopen to decode
+                    im.load()
             except Exception as err:  # PIL raises many types for a broken file
-                unreadable.append(f"{meme_id} ({type(err).__name__})")
+                unreadable.append(f"{meme_id} ({path}: {type(err).__name__}: {err})")
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing images under {root} (ids {_listing(missing)})")
@@ -109,8 +127,20 @@ def check_images(root: str | Path, frame: pd.DataFrame, verify: bool = True) -> 
         raise HMCFormatError("; ".join(problems) + ". Restore the files or remove those memes from the jsonl.")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; palette, grayscale and RGBA images are converted (alpha over white)."""
+def load_image(path: str | Path, meme_id: str | None = None) -> Image.Image:
+    """Open an image as RGB; palette, grayscale and RGBA images are converted (alpha over white).
+
+    A file that cannot be decoded raises ``HMCFormatError`` naming the meme id and the path.
+    """
+    try:
+        return _load_rgb(path)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated/corrupt data
+        who = f"meme {meme_id}: " if meme_id is not None else ""
+        raise HMCFormatError(f"{who}image {path} cannot be decoded ({type(err).__name__}: {err}); "
+                             "restore the file or remove the meme from the jsonl") from None
+
+
+def _load_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
@@ -134,3 +164,31 @@ def read_hmc(root: str | Path, splits: list[str] | tuple[str, ...], images: bool
             check_images(root, frame)
         out[split] = frame
     return out
+
+
+def leakage(train: pd.DataFrame, evaluation: pd.DataFrame) -> dict[str, list[str]]:
+    """Memes of an evaluation split that also appear in the training split.
+
+    Returns ``{"ids": [...], "text_img": [...]}``: evaluation ids present in train, and evaluation ids whose
+    exact (text, img) pair is a training meme under another id. Either inflates the evaluation figures.
+    """
+    shared = set(evaluation.id) & set(train.id)
+    train_pairs = set(zip(train.text, train.img))
+    copied = sorted(i for i, t, im in zip(evaluation.id, evaluation.text, evaluation.img)
+                    if im and (t, im) in train_pairs and i not in shared)
+    same_id = sorted(shared)
+    return {"ids": same_id, "text_img": copied}
+
+
+def leakage_message(split: str, train_split: str, found: dict[str, list[str]]) -> str | None:
+    """One warning line for ``leakage`` results, or None when nothing leaked."""
+    parts = []
+    if found["ids"]:
+        parts.append(f"{len(found['ids'])} ids also in {train_split!r} ({_listing(found['ids'])})")
+    if found["text_img"]:
+        parts.append(f"{len(found['text_img'])} memes whose exact (text, img) is a {train_split!r} meme "
+                     f"({_listing(found['text_img'])})")
+    if not parts:
+        return None
+    return (f"split {split!r}: " + "; ".join(parts)
+            + ": its figures are measured partly on training data; remove those memes from one of the files")

@@ -68,10 +68,15 @@ def read_confounders(path: str | Path) -> pd.DataFrame:
     return _dedupe(frame, ["split", "id"], path)
 
 
-def read_captions(path: str | Path) -> pd.DataFrame:
-    """Read ``hm_captions.parquet`` with ``image_id`` normalized; exact duplicates removed."""
+def read_captions(path: str | Path, columns: tuple[str, ...] | list[str] | None = None) -> pd.DataFrame:
+    """Read ``hm_captions.parquet`` with ``image_id`` normalized; exact duplicates removed.
+
+    ``columns``: the description columns a caller uses (a user's own table may hold only those); by
+    default all four BLIP-2 variants are required. A missing one is an error naming it.
+    """
     path = Path(path)
-    frame = _read_table(path, CAPTION_COLUMNS)[list(CAPTION_COLUMNS)].copy()
+    wanted = CAPTION_COLUMNS if columns is None else ("image_id", *dict.fromkeys(c for c in columns if c != "image_id"))
+    frame = _read_table(path, wanted)[list(wanted)].copy()
     frame["image_id"] = [normalize_id(v, f"{path} row {i}") for i, v in enumerate(frame["image_id"].tolist())]
     return _dedupe(frame, ["image_id"], path)
 

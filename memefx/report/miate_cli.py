@@ -1,0 +1,189 @@
+"""``memefx miate``: causal analysis (miATE) of any model's predictions on the confounder strata.
+
+    memefx miate --predictions FILE --confounders FILE [--split S] [--id-col id] [--score-col p_hateful]
+                 [--label-col label] [--json] [--out DIR]
+
+FILE is a CSV, TSV, JSON-lines or parquet table with one score per meme: a memefx run's
+``predictions/<split>.parquet``, an LLM scoring run (``p_hateful``) or another toolkit's output. Labels the
+file lacks come from the confounder table. The result has the same form as a run's ``miate/<split>.json``
+(both kinds: estimate, SE, bootstrap interval, member-weighted mean, placebo, threshold curve, options,
+skipped counts, per-stratum rows). With ``--out``, ``<split>.json``, ``<split>_strata.csv`` and plots
+are written there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from memefx.causal.predictions import (
+    PredictionsError,
+    attach_labels,
+    check_predictions,
+    choose_split,
+    predictions_miate,
+)
+from memefx.data.hmc import normalize_id
+from memefx.data.strata import KINDS, strata_members
+from memefx.data.tables import read_confounders
+
+
+def read_table(path: str | Path, id_col: str) -> pd.DataFrame:
+    """A predictions table from CSV/TSV, JSON lines or parquet; ids are read as text (leading zeros kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionsError(f"{path}: predictions file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix in (".csv", ".tsv", ".txt"):
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={id_col: str})
+        if suffix in (".jsonl", ".json"):
+            return pd.read_json(path, lines=suffix == ".jsonl", dtype={id_col: str})
+    except Exception as err:  # noqa: BLE001 - every reader fails differently; name the file
+        raise PredictionsError(f"{path}: cannot be read as a {suffix[1:]} table ({type(err).__name__}: {err})") from None
+    raise PredictionsError(f"{path}: unknown format {suffix!r}: use .csv, .tsv, .jsonl or .parquet")
+
+
+def load_predictions(path: str | Path, split: str | None = None, id_col: str = "id", score_col: str = "p_hateful",
+                     label_col: str = "label", split_col: str = "split") -> tuple[pd.DataFrame, str | None]:
+    """Read, select one split (when the file has a split column) and validate a predictions file.
+
+    Returns the checked frame (``id, label, p_hateful``) and the split named by the file, if any.
+    """
+    raw = read_table(path, id_col)
+    where = str(path)
+    missing = [c for c in (id_col, score_col) if c not in raw.columns]
+    if missing:
+        raise PredictionsError(f"{where}: no column {missing} (has {list(raw.columns)}); "
+                               "name the columns with --id-col / --score-col")
+    file_split = None
+    if split_col in raw.columns:
+        present = sorted(raw[split_col].dropna().astype(str).unique())
+        if split is not None:
+            raw = raw[raw[split_col].astype(str) == split]
+            if raw.empty:
+                raise PredictionsError(f"{where}: no rows of split {split!r} (column {split_col!r} has {present})")
+        elif len(present) > 1:
+            raise PredictionsError(f"{where}: rows of several splits {present}: choose one with --split")
+        file_split = split or (present[0] if present else None)
+    raw = raw.reset_index(drop=True)
+    frame = pd.DataFrame({
+        "id": [normalize_id(v, f"{where} row {i + 1} ({id_col})") for i, v in enumerate(raw[id_col].tolist())],
+        "p_hateful": raw[score_col],
+    })
+    if label_col in raw.columns:
+        frame["label"] = raw[label_col]
+    return check_predictions(frame, where), file_split
+
+
+def analyse(predictions: str | Path, confounders: str | Path, split: str | None = None, id_col: str = "id",
+            score_col: str = "p_hateful", label_col: str = "label", **options) -> dict:
+    """The full miATE result of a predictions file (see the module docstring)."""
+    preds, file_split = load_predictions(predictions, split, id_col, score_col, label_col)
+    table = read_confounders(confounders)
+    split = split or file_split or choose_split(preds, table, str(predictions))
+    preds, n_filled = attach_labels(preds, table, split, str(predictions), str(confounders))
+    result = predictions_miate(preds, strata_members(table), split, KINDS, **options)
+    return {**result, "labels_from_table": n_filled, "source": str(predictions), "confounders": str(confounders)}
+
+
+def write_outputs(result: dict, out: str | Path) -> list[Path]:
+    """``<split>.json``, ``<split>_strata.csv`` (per-stratum rows of both kinds) and the plots."""
+    from memefx.report.run import plot_threshold_curve
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = result["split"]
+    paths = [out / f"{split}.json", out / f"{split}_strata.csv"]
+    paths[0].write_text(json.dumps(result, indent=2))
+    rows = [{"kind": k, **r} for k in KINDS for r in (result.get(k) or {}).get("strata", [])]
+    pd.DataFrame(rows).to_csv(paths[1], index=False)
+    paths.append(plot_threshold_curve(result, out))
+    paths.append(plot_strata(result, out / f"{split}_strata.png"))
+    return [p for p in paths if p is not None]
+
+
+def plot_strata(result: dict, path: Path) -> Path | None:
+    """Per kind: each stratum's mean p over hateful vs benign members, with the mean effect and its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in KINDS if (result.get(k) or {}).get("strata")]
+    if not kinds:
+        return None
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        r = result[kind]
+        strata = pd.DataFrame(r["strata"])
+        ax.scatter(strata.e_neg, strata.e_pos, s=10 + 6 * strata["size"], alpha=0.6)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean p(hateful), benign members", ylabel="mean p(hateful), hateful members",
+               title=f"{result['split']} {kind}: miATE {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}], "
+                     f"{r['n_strata']} strata")
+        ax.title.set_fontsize(9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def summary_lines(result: dict) -> list[str]:
+    """A short readable summary: classification figures, then one line per kind."""
+    lines = [f"split {result['split']}: {result['n_predictions']} predictions, {result['n_labeled']} labelled "
+             f"({result['labels_from_table']} labels from the confounder table); AUROC {_fmt(result['auroc'])}, "
+             f"accuracy {_fmt(result['accuracy'])}"]
+    for kind in KINDS:
+        r = result.get(kind) or {}
+        placebo = r.get("placebo") or {}
+        lines.append(f"  {kind}: miATE {_fmt(r.get('mean'))} [{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}] "
+                     f"SE {_fmt(r.get('se'))}, {r.get('n_strata', 0)} strata, member-weighted "
+                     f"{_fmt(r.get('weighted_mean'))}, placebo {_fmt(placebo.get('mean'))}")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``memefx miate``; bad input raises an error that the ``memefx`` command prints."""
+    p = argparse.ArgumentParser(prog="memefx miate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--predictions", required=True, help="CSV/TSV/JSON-lines/parquet with one score per meme")
+    p.add_argument("--confounders", required=True, help="confounder table (id, split, label, img_org_id, txt_org_id)")
+    p.add_argument("--split", default=None, help="split of the confounder table (default: the file's split column, "
+                   "else the one split that holds every id)")
+    p.add_argument("--id-col", default="id")
+    p.add_argument("--score-col", default="p_hateful", help="hateful probability in [0, 1]")
+    p.add_argument("--label-col", default="label", help="optional; missing labels come from the confounder table")
+    p.add_argument("--threshold", type=float, default=None, help="keep strata with miATE_g >= tau (biased; see the curve)")
+    p.add_argument("--correct-only", action="store_true", help="keep strata whose members are all classified correctly")
+    p.add_argument("--pairs-only", action="store_true", help="keep two-member strata only")
+    p.add_argument("--n-bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--out", default=None, help="folder for <split>.json, <split>_strata.csv and plots")
+    a = p.parse_args(argv)
+    result = analyse(a.predictions, a.confounders, a.split, a.id_col, a.score_col, a.label_col,
+                     n_bootstrap=a.n_bootstrap, seed=a.seed, threshold=a.threshold, correct_only=a.correct_only,
+                     pairs_only=a.pairs_only)
+    written = write_outputs(result, a.out) if a.out else []
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(summary_lines(result)))
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
