@@ -84,8 +84,21 @@ def test_budget_drops_demonstrations_without_duplicates_and_per_meme_prompts(tmp
     table = _real(shots=[4], budget=400, tokenizer=str(tmp_path / "tok"))
     lengths = table.prompt.map(lambda p: len(tok(p)["input_ids"]))
     assert ((lengths <= 400) | (table.few_shot_num == 0)).all() and (table.few_shot_num < 4).any()
-    every = _real(shots=[0, 1, 2, 3, 4], budget=400, tokenizer=str(tmp_path / "tok"))
-    assert not every.duplicated(["group", "few_shot_num"]).any() and not every.prompt.duplicated().any()
-    assert (every.groupby("group").few_shot_num.max() < 4).any()
     memes = _real(per_meme=True)
     assert memes.id.is_unique and set(memes.label) == {0, 1} and memes.prompt.str.endswith("\nSystem:").all()
+
+
+def test_budget_never_repeats_a_prompt():
+    from memefx.icl.prompts import build_prompt_table
+
+    members = pd.DataFrame({"anchor": [f"{g:05d}" for g in range(12) for _ in range(2)],
+                            "id": [f"{i:05d}" for i in range(100, 124)], "label": [1, 0] * 12})
+    texts = {i: f"text of meme {i} " * (1 + int(i) % 5) for i in members.id}
+    descriptions = {i: "a description" for i in members.id}
+    every = build_prompt_table(members, texts, descriptions, (0, 1, 2, 3, 4), seed=0, budget=900, cost=len)
+    assert not every.duplicated(["group", "few_shot_num"]).any() and not every.prompt.duplicated().any()
+    assert ((every.prompt.str.len() <= 900) | (every.few_shot_num == 0)).all()
+    assert (every.groupby("group").few_shot_num.max() < 4).all()  # larger k would repeat a smaller k: dropped
+    assert (every.requested_shots == every.few_shot_num).all()
+    only_four = build_prompt_table(members, texts, descriptions, (4,), seed=0, budget=900, cost=len)
+    assert (only_four.few_shot_num < 4).all() and len(only_four) == 12  # alone, a trimmed prompt is kept
