@@ -1,20 +1,27 @@
 """Throughput of the LLM engine's score and generate paths on a Llama-2-shaped model with random weights.
 
 Same FLOPs and bytes as the real model (no download): ``--shape 13b`` on a GPU; ``--shape tiny`` runs the
-same code on the CPU. Prints ``score_prompts_per_s=`` (nf4, ~450-token prompts, two label continuations
-per prompt in one batched forward) and ``generate_s_per_prompt=`` (greedy, 64 new tokens, batched and
-one prompt at a time).
+same code on the CPU. Prints ``score_prompts_per_s=`` (nf4, ~450-token prompts, two 2-token label
+continuations, through the engine's ``score_ids``: one prompt forward with logits at the last position,
+second continuation tokens on the key/value cache), ``score_prompts_per_s_old=`` (the earlier path: each
+continuation forwarded with its prompt, logits everywhere) and ``generate_s_per_prompt=`` (greedy, 64 new
+tokens, batched and one prompt at a time).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # memefx from the checkout, installed or not
+from memefx.icl.engine import EngineStats, score_ids  # noqa: E402
 
 SHAPES = {
     "13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
@@ -67,18 +74,26 @@ def main() -> None:
           f"params={sum(p.numel() for p in model.parameters()) / 1e9:.2f}G(stored)")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, config.vocab_size, (a.score_batch * 2, a.prompt_tokens + 2), generator=g).to(device)
+    prompts = ids[: a.score_batch, : a.prompt_tokens].tolist()
+    conts = [[row[a.prompt_tokens:a.prompt_tokens + 2], row[a.prompt_tokens + 1:a.prompt_tokens + 3]]
+             for row in ids[: a.score_batch].tolist()]
     with torch.inference_mode():
         model(input_ids=ids[:2])  # warm-up
-        rates = []
-        for _ in range(a.repeats):
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(a.score_batches):
-                logits = model(input_ids=ids).logits[:, -3:-1].float().log_softmax(-1)  # 2 continuations per prompt
-            sync(device)
-            rates.append(a.score_batch * a.score_batches / (time.perf_counter() - start))
-        print(f"score_prompts_per_s={statistics.median(rates):.2f}  (batch {a.score_batch} prompts x 2 continuations, "
-              f"{a.prompt_tokens} tokens, median of {a.repeats}; runs {', '.join(f'{r:.2f}' for r in rates)})")
+        for name in ("new", "old"):
+            rates = []
+            for _ in range(a.repeats):
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(a.score_batches):
+                    if name == "new":
+                        score_ids(model, prompts, conts, 0, EngineStats())
+                    else:  # 2 continuations per prompt, each forwarded with its prompt, logits at every position
+                        logits = model(input_ids=ids).logits[:, -3:-1].float().log_softmax(-1)
+                sync(device)
+                rates.append(a.score_batch * a.score_batches / (time.perf_counter() - start))
+            key = "score_prompts_per_s" if name == "new" else "score_prompts_per_s_old"
+            print(f"{key}={statistics.median(rates):.2f}  (batch {a.score_batch} prompts x 2 continuations, "
+                  f"{a.prompt_tokens} tokens, median of {a.repeats}; runs {', '.join(f'{r:.2f}' for r in rates)})")
         del logits
         prompt = ids[: a.gen_batch, : a.prompt_tokens]
         mask = torch.ones_like(prompt)
