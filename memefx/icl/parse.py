@@ -58,7 +58,7 @@ class Rules:
         opening: ``formatted`` when the verdict starts within this many characters of the reply.
         cut_turns: read the reply only up to the model's next ``User:``/``System:`` turn.
         reply_after_user_turn: a reply that opens by writing a ``User:`` turn is read from the ``System:``
-            turn that follows it.
+            turn that follows it; with none, the model never answered (non-functional).
         ignore_plans: a sentence with "will"/"should" states a plan ("I will select ..."), not a verdict.
         reject_roleplay: a reply opening with ``*`` or ``###`` plays out a dialogue: non-functional.
         per_pair_list: lines "#k: <label>" label each listed pair (benign, hateful, sarcastic).
@@ -112,10 +112,11 @@ def first_turn(answer: object, rules: Rules = Rules()) -> str:
     if not isinstance(answer, str):
         return ""
     text = answer.strip()
-    if rules.reply_after_user_turn:
+    if rules.reply_after_user_turn and re.match(r"User\s*:", text, re.I):
         match = _LEADING_USER.match(text)
-        if match:
-            text = text[match.end():].strip()
+        if match is None:  # the model wrote the user's turn and no reply
+            return ""
+        text = text[match.end():].strip()
     if not rules.cut_turns:
         return text
     match = _TURN.search(text)
