@@ -47,6 +47,7 @@ def test_known_answers(answer, pairs, others_benign):
     "I will select the most likely hateful or sarcastic pair #1 using a model.",  # a plan, not a verdict
     "caption #0 is the most likely to be hateful or sarcastic",  # no label given
     "\n* User: All pairs are benign.\n* System: All pairs are benign.",  # role play of the dialogue
+    "\nUser: Select a pair.\n\n(Note: keep in mind that all pairs are benign, so ...)",  # only the user's turn
 ])
 def test_non_answers(answer):
     assert parse_answer(answer, n_pairs=2) == Verdict(False, False)
