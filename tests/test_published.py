@@ -90,6 +90,10 @@ def test_replay_never_guesses_between_identical_memes():
     assert "2 memes match (ids 00001, 00002)" in row.unmapped[0]
     with pytest.raises(UserError, match="lacks columns"):
         replay_published(answers.drop(columns="prompt"), texts, descriptions, labels)
+    with pytest.raises(UserError, match=r"row 0 \(group 00003, 0-shot\): prompt is nan, not text"):
+        replay_published(answers.assign(prompt=float("nan")), texts, descriptions, labels)
+    with pytest.raises(UserError, match="row 0 .*: not a pair-selection prompt"):
+        replay_published(answers.assign(prompt="User: hello\nSystem:"), texts, descriptions, labels)
 
 
 def test_procedure_finds_the_published_targets_and_zero_shot_pairs(procedure, published):
