@@ -85,12 +85,12 @@ def published_groups(confounders: pd.DataFrame, split: str, texts: Mapping[str, 
         raise PromptInputError(f"split {split!r}: the confounder table lists no shared-image or shared-text groups")
     if labels is not None:
         members["label"] = [int(labels.get(i, lab)) for i, lab in zip(members.id, members.label)]
-    _check_fields(sorted(set(members.id)), texts, descriptions, f"split {split!r}: of its confounder-group members")
-    members["line"] = [member_line(texts[i], descriptions[i]) for i in members.id]
     both = members.groupby("anchor").label.agg(lambda s: {0, 1} <= set(s))
     members = members[members.anchor.isin(both[both].index)].copy()
     if members.empty:
         raise PromptInputError(f"split {split!r}: no confounder group holds both a hateful and a benign meme")
+    _check_fields(sorted(set(members.id)), texts, descriptions, f"split {split!r}: of its target-group members")
+    members["line"] = [member_line(texts[i], descriptions[i]) for i in members.id]
     # rank of each row inside its group: shared-image members first, hateful first, then by id
     members["kind_order"] = members.kind.map(_KIND_ORDER)
     members = members.sort_values(["anchor", "kind_order", "label", "id"], ascending=[True, True, False, True])
@@ -111,10 +111,6 @@ def demonstration_order(targets: Sequence[str], index: int, seed: int = PUBLISHE
     return [targets[j] for j in order if j != index]
 
 
-def _block_members(rows: pd.DataFrame, descriptions_by_line: Mapping[str, tuple[str, str]]) -> list[Member]:
-    return [Member(*descriptions_by_line[line], int(label)) for line, label in zip(rows.line, rows.label)]
-
-
 def published_prompt_table(confounders: pd.DataFrame, split: str, texts: Mapping[str, str],
                            descriptions: Mapping[str, str], labels: Mapping[str, int] | None = None,
                            shots: Sequence[int] = PUBLISHED_SHOTS, seed: int = PUBLISHED_SEED,
@@ -124,9 +120,8 @@ def published_prompt_table(confounders: pd.DataFrame, split: str, texts: Mapping
     Columns: group, few_shot_num, prompt, member_ids, member_labels, demo_groups, chars. Prompts longer than
     ``char_cap`` characters are dropped (never trimmed); ``table.attrs['dropped']`` counts them per shot."""
     groups = published_groups(confounders, split, texts, descriptions, labels, seed)
-    fields = {member_line(texts[i], descriptions[i]): (clean_field(texts[i]), clean_field(descriptions[i]))
-              for rows in groups.values() for i in rows.id}
-    blocks = {anchor: _block_members(rows, fields) for anchor, rows in groups.items()}
+    blocks = {anchor: [Member(texts[i], descriptions[i], int(label)) for i, label in zip(rows.id, rows.label)]
+              for anchor, rows in groups.items()}
     targets = sorted(groups)
     max_k = max(shots, default=0)
     if max_k > len(targets) - 1:
