@@ -200,3 +200,16 @@ def test_cli_replays_and_builds_the_published_layout(tmp_path, capsys):
     procedure = pd.read_parquet(tmp_path / "procedure.parquet")
     assert procedure.group.nunique() == 97 and set(procedure.few_shot_num) == {0, 1}
     assert all(len(labels) == pairs_in_prompt(p) for labels, p in zip(procedure.member_labels, procedure.prompt))
+
+
+def test_replayed_prompts_compare_with_the_published_answers_pair_by_pair(published):
+    from memefx.icl.parse import parse_table
+
+    table = _build(from_published=shared_file("llm_answers.csv"))
+    answer = " The most likely hateful or sarcastic pair is #0, with the potential label 'hateful'."
+    rows = parse_table(table.assign(generated_text=answer))  # a new model's run: expanded to one row per pair
+    reference = published.drop_duplicates().assign(image_id=published.image_id.map(lambda g: f"{g:05d}"))
+    both = rows.merge(reference, on=["image_id", "few_shot_num", "ans_num"], suffixes=("", "_published"))
+    assert len(both) == len(reference) == 675  # every published pair row has its counterpart
+    assert (both.ground_truth == both.ground_truth_published).all() and both.id.str.fullmatch(r"\d{5}").all()
+    assert (both.parsed_is_hateful == (both.ans_num == 0)).all()
