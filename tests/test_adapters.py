@@ -8,10 +8,11 @@ import torch
 
 from memefx.attribution.masks import block_counts, block_sums
 from memefx.cli import main
-from memefx.data.collate import IMAGE, PAD, TEXT
 from memefx.data.datamodule import MemeDataModule
 from memefx.data.hmc import HMCFormatError
 from memefx.models.backbones import build_backbone
+from memefx.models.module import MemeClassifier
+from memefx.schema import IMAGE, PAD, TEXT
 from tests.test_cli import _tiny_config
 
 SHAPE = {"vocab_size": 512, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
@@ -51,6 +52,89 @@ def test_adapter_contract(family, tiny_root, tmp_path):
               [f"--data.{k}", str(v)] for k, v in data_args.items()), []),
           "--data.max_length", "40", "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path / "run")])
     assert (tmp_path / "run" / "predictions" / "dev_seen.parquet").is_file()
+
+
+def _family_batch(family, tiny_root):
+    backbone_args, data_args = FAMILIES[family]
+    dm = MemeDataModule(root=str(tiny_root), image_size=32, batch_size=4, vocab_size=512, max_length=40, **data_args)
+    dm.setup("validate")
+    return backbone_args, next(iter(dm.val_dataloader()))
+
+
+class _SDPACalls:
+    """Counts calls of torch's scaled_dot_product_attention (the fast path) over sequences of length
+    ``length`` (the timm image encoder calls it too, on its own shorter patch sequences)."""
+
+    def __init__(self, monkeypatch):
+        self.n, self.length = 0, None
+        original = torch.nn.functional.scaled_dot_product_attention
+
+        def counting(query, *args, **kwargs):
+            self.n += query.shape[-2] == self.length
+            return original(query, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_paths_agree_and_checkpoints_do_not_depend_on_them(family, tiny_root, monkeypatch):
+    """SDPA in forwards that capture nothing, eager only where attentions are asked for; same outputs,
+    same gradients, same state dict."""
+    backbone_args, batch = _family_batch(family, tiny_root)
+    calls = _SDPACalls(monkeypatch)
+    torch.manual_seed(0)
+    fast = build_backbone(family, **backbone_args).eval()
+    eager = build_backbone(family, **backbone_args, attn_implementation="eager").eval()
+    assert fast.state_dict().keys() == eager.state_dict().keys()
+    eager.load_state_dict(fast.state_dict(), strict=True)  # a checkpoint of either path loads into the other
+
+    calls.length = fast(batch, output_attentions=True).segments.shape[1]
+    logits = fast(batch).logits
+    assert calls.n == fast.num_layers  # the fast path ran SDPA in every layer
+    captured = fast(batch, output_attentions=True)
+    assert calls.n == fast.num_layers  # the capturing forward ran eager only
+    reference = eager(batch).logits
+    assert calls.n == fast.num_layers  # attn_implementation="eager" never runs SDPA
+    assert len(captured.attentions) == fast.num_layers and captured.attentions[0].requires_grad
+    assert torch.allclose(logits, captured.logits, atol=1e-5) and torch.allclose(logits, reference, atol=1e-5)
+    # after a capturing forward the model is back on its fast path
+    fast(batch)
+    assert calls.n == 2 * fast.num_layers
+
+    # gradients of the parameters agree between the two paths (train mode without dropout)
+    torch.manual_seed(1)
+    no_dropout = {**backbone_args, "dropout": 0.0}
+    a = build_backbone(family, **no_dropout).train()
+    b = build_backbone(family, **no_dropout, attn_implementation="eager").train()
+    b.load_state_dict(a.state_dict())
+    grads = []
+    for model, capture in ((a, False), (b, True)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(batch, output_attentions=capture).logits, batch["labels"]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_attention_path_is_restored_after_an_error(tiny_root):
+    backbone_args, batch = _family_batch("caption_pair", tiny_root)
+    backbone = build_backbone("caption_pair", **backbone_args)
+    with pytest.raises(KeyError):
+        backbone({k: v for k, v in batch.items() if k != "attention_mask"}, output_attentions=True)
+    assert backbone.encoder.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match=r"attn_implementation='flash'.*expected one of \('sdpa', 'eager'\)"):
+        build_backbone("caption_pair", **backbone_args, attn_implementation="flash")
+
+
+def test_classifier_checkpoint_loads_across_attention_paths(tiny_root, tmp_path):
+    backbone_args, batch = _family_batch("visualbert", tiny_root)
+    torch.manual_seed(0)
+    fast = MemeClassifier(backbone="visualbert", backbone_args=backbone_args).eval()
+    torch.save(fast.state_dict(), tmp_path / "weights.pt")
+    eager = MemeClassifier(backbone="visualbert", backbone_args={**backbone_args, "attn_implementation": "eager"})
+    eager.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True), strict=True)
+    assert torch.allclose(fast(batch).logits, eager.eval()(batch).logits, atol=1e-5)
 
 
 def _write_regions(folder, ids, dim=16, seed=0):

@@ -9,8 +9,17 @@ import torch.nn.functional as F
 
 from memefx.attribution.capture import active_hooks, attention_override
 from memefx.attribution.integrated import integrated_attattr, quadrature
-from memefx.attribution.masks import BLOCKS, block_counts, block_masks, block_sums
+from memefx.attribution.masks import (
+    BLOCKS,
+    block_counts,
+    block_masks,
+    block_operators,
+    block_sums,
+    fused_block_sums,
+)
 from memefx.attribution.midas import (
+    BackwardBlockReducer,
+    loss_grad_factor,
     prob_grad_from_loss_grad,
     reduce_layers,
     sample_block_means,
@@ -18,9 +27,9 @@ from memefx.attribution.midas import (
     target_classes,
     to_table,
 )
-from memefx.data.collate import IMAGE, PAD, SPECIAL, TEXT
 from memefx.data.datamodule import MemeDataModule
 from memefx.models.backbones import build_backbone
+from memefx.schema import IMAGE, PAD, SPECIAL, TEXT
 from tests.conftest import TINY_BACKBONE
 from tests.toy_attention import ToyBackbone
 
@@ -47,6 +56,68 @@ def test_blocks_partition_non_pad_entries_and_match_masks():
     assert block_counts(SEGMENTS)[1].tolist() == [1, 4, 4, 16]  # 5 non-pad tokens, 25 entries; [SEP] counts as special, pads nowhere
     total = (scores * nonpad[:, None]).sum((-1, -2))
     assert torch.allclose(block_sums(scores, SEGMENTS).sum(-1), total)
+
+
+def test_fused_block_sums_in_float32_match_the_float64_masks():
+    scores = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    reference = torch.einsum("bhij,bkij->bhk", scores, block_masks(SEGMENTS).double())
+    got = fused_block_sums(scores.float(), *block_operators(SEGMENTS, torch.float32))
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), reference, atol=1e-5)
+
+
+def test_backward_reducer_equals_explicit_gradients_and_retains_nothing(tiny_root):
+    torch.manual_seed(0)
+    model = build_backbone("visualbert", **{**TINY_BACKBONE, "dropout": 0.0}).eval()
+    batch = _tiny_batch(tiny_root)
+    out = model(batch, output_attentions=True)
+    loss = F.cross_entropy(out.logits, batch["labels"]) * 8.0  # as under an AMP loss scale of 8
+    p_gold = out.logits.detach().softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
+    reducer = BackwardBlockReducer(out.attentions, out.segments)
+    loss.backward()
+    reducer.remove()
+    assert not any(a.retains_grad for a in out.attentions)  # nothing retained
+    assert active_hooks(model) == 0
+    got = reducer.result(loss_grad_factor(p_gold, len(p_gold), loss_scale=8.0))
+    out2 = model(batch, output_attentions=True)
+    p = out2.logits.softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
+    explicit = [torch.zeros_like(a) for a in out2.attentions]
+    for b in range(len(p)):
+        for layer, g in enumerate(torch.autograd.grad(p[b], out2.attentions, retain_graph=True)):
+            explicit[layer][b] = g[b]
+    reference = reduce_layers(out2.attentions, explicit, out2.segments)
+    for score in ("attention", "gradient", "attattr"):
+        scale = reference[score].abs().max()
+        assert (got[score].double() - reference[score]).abs().max() <= 1e-5 * scale, score
+    assert torch.equal(got["count"], reference["count"])
+
+
+def test_backward_reducer_names_layers_without_gradient():
+    model, batch = ToyBackbone(), _toy_batch()
+    out = model(batch, output_attentions=True)
+    detached = out.attentions[0].detach().requires_grad_(True)  # not in the graph of the logits
+    reducer = BackwardBlockReducer([out.attentions[0], detached], batch["segments"])
+    out.logits.softmax(-1)[:, 1].sum().backward()
+    reducer.remove()
+    with pytest.raises(RuntimeError, match=r"positions \[1\] got no gradient"):
+        reducer.result()
+    with pytest.raises(ValueError, match="scores"):
+        BackwardBlockReducer(out.attentions, batch["segments"], scores=["saliency"])
+
+
+def test_attribution_imports_neither_models_data_nor_lightning():
+    """attribution/ is pure maths: it may be used without the training stack (DESIGN.md)."""
+    import ast
+    from pathlib import Path
+
+    import memefx.attribution
+
+    for path in Path(memefx.attribution.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("memefx.models", "memefx.data", "memefx.callbacks", "lightning",
+                                            "pytorch_lightning")), f"{path.name} imports {name}"
 
 
 def test_closed_form_gradient_of_hand_weighted_model():
@@ -134,7 +205,8 @@ def test_table_and_stratum_midas_against_pandas():
     assert list(strata.columns) == list(BLOCKS)
 
 
-@pytest.mark.parametrize("rule,steps,tol", [("riemann", 64, 2e-2), ("gauss", 16, 1e-3)])
+@pytest.mark.parametrize("rule,steps,tol", [pytest.param("riemann", 64, 2e-2, marks=pytest.mark.slow),  # about 40 s
+                                            ("gauss", 16, 1e-3)])
 def test_integrated_gradients_completeness(tiny_root, rule, steps, tol):
     torch.manual_seed(0)
     model = build_backbone("visualbert", **TINY_BACKBONE)

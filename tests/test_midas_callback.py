@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from memefx.attribution.midas import reduce_layers, to_table
-from memefx.callbacks.midas import MIDASCallback
+from memefx.callbacks.midas import PLAIN, MIDASCallback
 from memefx.data.datamodule import MemeDataModule
 from memefx.models.module import MemeClassifier
 from tests.conftest import TINY_BACKBONE
@@ -75,13 +75,42 @@ def test_train_stage_equals_explicit_gold_gradient(tmp_path, tiny_root, accumula
     _compare(got, _explicit_table(model, batches, "train", 0))
 
 
+def test_train_every_n_steps_captures_one_batch_in_n(tmp_path, tiny_root, monkeypatch):
+    dm, model = _setup(tiny_root, lr=0.0, scheduler="constant")
+    captures = []
+    original = model.backbone.forward
+
+    def spy(batch, output_attentions=False):
+        captures.append(output_attentions)
+        return original(batch, output_attentions=output_attentions)
+
+    monkeypatch.setattr(model.backbone, "forward", spy)
+    trainer = _trainer(tmp_path, [MIDASCallback(stages=["train"], train_every_n_steps=2)], limit_train_batches=5,
+                       limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    assert captures == [True, False, True, False, True]  # batches 0, 2, 4 captured; the others run SDPA
+    got = pd.read_parquet(tmp_path / "midas" / "train_epoch0.parquet")
+    assert got.attrs["midas"] == {"every_n_steps": 2, "captured_batches": 3, "target": "gold"}
+    order = [i for batch in dm.train_dataloader() for i in batch["ids"]][:80]
+    captured_ids = order[0:16] + order[32:48] + order[64:80]
+    assert sorted(set(got.id)) == sorted(captured_ids)
+    data = dm.datasets["train"]
+    position = {i: k for k, i in enumerate(data.frame.id)}
+    collate = dm.train_dataloader().collate_fn
+    batches = [collate([data[position[i]] for i in captured_ids[k:k + 16]]) for k in range(0, 48, 16)]
+    _compare(got, _explicit_table(model, batches, "train", 0))
+    with pytest.raises(ValueError, match="train_every_n_steps=0"):
+        MIDASCallback(train_every_n_steps=0)
+
+
 def test_eval_stage_single_backward_equals_per_sample_loop(tmp_path, tiny_root):
     dm, model = _setup(tiny_root)
     trainer = _trainer(tmp_path, [MIDASCallback(stages=["val"])], limit_val_batches=2)
     trainer.validate(model, datamodule=dm)
-    got = pd.read_parquet(tmp_path / "midas" / "val_epoch0.parquet")
+    got = pd.read_parquet(tmp_path / "midas" / "val_ckpt_epochinit.parquet")  # validate() of untrained weights
     batches = list(dm.val_dataloader())[:2]
-    _compare(got, _explicit_table(model, batches, "val", 0))
+    _compare(got, _explicit_table(model, batches, "val", -1))
+    assert got.attrs["midas"] == {"every_n_steps": 1, "captured_batches": 2, "target": "gold"}
     assert set(got.stage) == {"val"} and set(got.score) == {"attention", "gradient", "attattr"}
 
 
@@ -94,7 +123,7 @@ class _Probe(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         t = batch["input_ids"].shape[1] + 5  # text tokens + visual tokens
         held = [np.asarray(a).shape for buf in self.midas._buffers.values() for k, v in buf.items()
-                if k not in ("ids", "layers", "epoch") for a in v]
+                if k not in PLAIN for a in v]
         self.seen.append((t, held, pl_module.captured))
 
 
@@ -118,7 +147,8 @@ def test_checkpointed_state_round_trips(tiny_root):
     clone = MIDASCallback(stages=["val"])
     clone.load_state_dict(midas.state_dict())
     assert clone._buffers["val"]["ids"] == ["00001", "00002"] and clone._buffers["val"]["epoch"] == 3
-    assert np.array_equal(clone._buffers["val"]["attattr"][0], np.ones((2, 2, 2, 4)))
+    assert np.array_equal(clone._buffers["val"]["attattr"][0].numpy(), np.ones((2, 2, 2, 4)))
+    assert clone._buffers["val"]["batches"] == 1
 
 
 def test_bad_options_are_refused():

@@ -9,15 +9,30 @@ and nothing is normalized across samples.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from memefx.attribution.capture import attention_override
 from memefx.attribution.masks import block_sums
 from memefx.attribution.midas import target_classes
-from memefx.models.backbones.base import Backbone
+
+
+class AttentionModel(Protocol):
+    """What the reference needs of a model (a memefx backbone adapter fits): called on a batch with
+    ``output_attentions=True`` it returns ``logits``, ``segments`` and per-layer ``attentions``."""
+
+    training: bool
+
+    def __call__(self, batch: dict, output_attentions: bool = False): ...
+
+    def attention_modules(self) -> list[nn.Module]: ...
+
+    def train(self, mode: bool = True): ...
+
+    def eval(self): ...
 
 
 def quadrature(steps: int, rule: Literal["riemann", "gauss"] = "riemann") -> tuple[np.ndarray, np.ndarray]:
@@ -40,12 +55,12 @@ def _repeat(batch: dict, times: int) -> dict:
     return out
 
 
-def _target_prob(model: Backbone, batch: dict, target: torch.Tensor) -> torch.Tensor:
+def _target_prob(model: AttentionModel, batch: dict, target: torch.Tensor) -> torch.Tensor:
     out = model(batch, output_attentions=True)
     return out.logits.float().softmax(-1).gather(1, target[:, None]).squeeze(1)
 
 
-def integrated_attattr(model: Backbone, batch: dict, layer: int, steps: int = 20, target: str = "gold",
+def integrated_attattr(model: AttentionModel, batch: dict, layer: int, steps: int = 20, target: str = "gold",
                        rule: Literal["riemann", "gauss"] = "riemann", chunk: int = 64,
                        full: bool = False) -> dict:
     """Integrated-gradient attribution of layer ``layer``'s attention for every sample of ``batch``.

@@ -8,12 +8,13 @@ collects the inputs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
 
-from memefx.attribution.masks import BLOCKS, block_counts, block_sums
+from memefx.attribution.masks import BLOCKS, block_counts, block_operators, block_sums, fused_block_sums
 
 SCORES = ("attention", "gradient", "attattr")
 TARGETS = ("gold", "pred", "hateful")
@@ -29,15 +30,21 @@ def target_classes(probs: torch.Tensor, labels: torch.Tensor, target: str) -> to
     return pred if target == "pred" else torch.where(labels >= 0, labels, pred)
 
 
+def loss_grad_factor(p_gold: torch.Tensor, batch_size: int, loss_scale: float = 1.0,
+                     accumulate: int = 1) -> torch.Tensor:
+    """Per-sample factor turning dLoss/dA_b into dp_y(b)/dA_b (see ``prob_grad_from_loss_grad``)."""
+    return -(batch_size * accumulate / loss_scale) * p_gold
+
+
 def prob_grad_from_loss_grad(loss_grad: torch.Tensor, p_gold: torch.Tensor, batch_size: int,
                              loss_scale: float = 1.0, accumulate: int = 1) -> torch.Tensor:
     """dp_y(b)/dA_b from the gradient of the mean cross-entropy that training already computed.
 
     With loss = (1/B) sum_b -log p_y(b) (divided by ``accumulate`` under gradient accumulation and
-    multiplied by ``loss_scale`` under AMP), dLoss/dA_b = -(accumulate * loss_scale * B * p_y(b))^-1
+    multiplied by ``loss_scale`` under AMP), dLoss/dA_b = -loss_scale / (accumulate * B * p_y(b))
     * dp_y(b)/dA_b, because sample b's attention reaches only sample b's loss term.
     """
-    factor = -(batch_size * accumulate / loss_scale) * p_gold
+    factor = loss_grad_factor(p_gold, batch_size, loss_scale, accumulate)
     return loss_grad * factor.view(-1, *([1] * (loss_grad.dim() - 1))).to(loss_grad.dtype)
 
 
@@ -57,6 +64,62 @@ def reduce_layers(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     result = {s: torch.stack(v, dim=1) for s, v in out.items()}
     result["count"] = block_counts(segments).cpu()
     return result
+
+
+class BackwardBlockReducer:
+    """Reduce captured attention maps and their gradients to block sums *inside* the backward pass.
+
+    A tensor hook on each attention map receives dOutput/dA the moment autograd computes it, reduces A, G
+    and A * G of that layer to (B, H, 4) block sums in one fused pass each, and leaves the gradient as it
+    is. Nothing is retained or copied (``retain_grad`` would clone every layer's gradient and keep all of
+    them until the step ends), the T x T tensors never outlive the backward, and the sums stay on the
+    device. Call ``remove`` when done (also after an exception); ``result`` says which layers got none.
+
+    Args:
+        attentions: the attention maps (B, H, T, T) of the layers to keep, in the autograd graph.
+        segments: (B, T) segment ids of the sequence those maps cover.
+        scores: subset of SCORES to reduce.
+    """
+
+    def __init__(self, attentions: Sequence[torch.Tensor], segments: torch.Tensor, scores: Sequence[str] = SCORES):
+        unknown = set(scores) - set(SCORES)
+        if unknown:
+            raise ValueError(f"scores {sorted(unknown)}: expected a subset of {SCORES}")
+        self.scores = tuple(scores)
+        self._attentions = list(attentions)
+        self._operators = block_operators(segments, self._attentions[0].dtype)
+        self._count = block_counts(segments)
+        self._sums: list[dict[str, torch.Tensor] | None] = [None] * len(self._attentions)
+        self._handles = [a.register_hook(partial(self._reduce, k)) for k, a in enumerate(self._attentions)]
+
+    def _reduce(self, k: int, grad: torch.Tensor) -> None:
+        with torch.no_grad():
+            att = self._attentions[k].detach()
+            parts = {"attention": lambda: att, "gradient": lambda: grad, "attattr": lambda: att * grad}
+            self._sums[k] = {s: fused_block_sums(parts[s](), *self._operators) for s in self.scores}
+
+    def result(self, sample_factor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{score: (B, L, H, 4)} and ``count`` (B, 4), on the attentions' device.
+
+        ``sample_factor`` (B,) multiplies the gradient-based scores per sample (exact, being linear in G):
+        the rescaling of a loss gradient into a probability gradient (``prob_grad_from_loss_grad``).
+        """
+        missing = [k for k, v in enumerate(self._sums) if v is None]
+        if missing:
+            raise RuntimeError(f"MIDAS: attention maps at positions {missing} got no gradient in the backward "
+                               "(are they part of the graph that produced the differentiated output?)")
+        out = {s: torch.stack([v[s] for v in self._sums], dim=1) for s in self.scores}
+        if sample_factor is not None:
+            factor = sample_factor.view(-1, 1, 1, 1)
+            out.update({s: out[s] * factor.to(out[s].dtype) for s in ("gradient", "attattr") if s in out})
+        out["count"] = self._count
+        return out
+
+    def remove(self) -> None:
+        """Remove the hooks and drop the references to the attention maps."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._attentions = [], []
 
 
 def to_table(ids: Sequence[str], reduced: dict[str, np.ndarray | torch.Tensor], epoch: int, stage: str,

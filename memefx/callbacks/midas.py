@@ -1,12 +1,16 @@
 """MIDASCallback: per-epoch attention attribution collected during training and evaluation.
 
-Train stage: the training step keeps its attention tensors (``retain_grad``) and this callback turns
-the gradient that the training backward already computed, dLoss/dA, into each sample's gradient of its
-gold-class probability (exact rescaling, AMP loss scale and gradient accumulation undone): no extra pass.
+Train stage: the training step's forward keeps its attention maps (eager path, for the captured steps
+only) and this callback hooks them before the training backward, so that backward itself hands each
+layer's dLoss/dA to a reduction into block sums (no retained gradient, no extra pass); the sums are
+then rescaled exactly into each sample's gradient of its gold-class probability (AMP loss scale and
+gradient accumulation undone). ``train_every_n_steps=N`` captures one training batch in N; every other
+step runs the backbone's fast (SDPA) path untouched.
 Evaluation stages: the evaluation step's own forward keeps its graph (with attention capture) and this
 callback runs one backward of sum_b F_b per batch: no second forward.
-Only (samples x layers x heads x blocks) sums survive a step. Tables are written per epoch to
-``<run dir>/midas/<stage>_epoch<k>.parquet``; a checkpoint carries the unfinished epoch.
+Only (samples x layers x heads x blocks) sums survive a step; they stay on the device until the epoch's
+table is written, once, to ``<run dir>/midas/<stage>_epoch<k>.parquet``; a checkpoint carries the
+unfinished epoch.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from lightning.pytorch.callbacks import Callback
 
 from memefx.attribution.midas import (
     SCORES,
+    BackwardBlockReducer,
     block_summary,
-    prob_grad_from_loss_grad,
-    reduce_layers,
+    loss_grad_factor,
     target_classes,
     to_table,
 )
 from memefx.callbacks.run_directory import midas_table_path
+
+PLAIN = ("ids", "layers", "epoch", "batches")  # buffer entries that are not lists of tensors
 
 
 class MIDASCallback(Callback):
@@ -37,28 +43,43 @@ class MIDASCallback(Callback):
             ``hateful``. The train stage always uses the gold class (that is what the loss holds).
         layers: layer indices to keep (``None``: all).
         scores: subset of ``attention``, ``gradient``, ``attattr``.
+        train_every_n_steps: capture training batches 0, N, 2N, ... of each epoch only (1: every batch).
+            The epoch's train table then holds the samples of those batches, and its summaries average
+            over them; the parquet metadata (``DataFrame.attrs["midas"]``) records N and the batch count.
     """
 
     def __init__(self, stages: list[str] | tuple[str, ...] = ("train", "val"), target: str = "gold",
-                 layers: list[int] | None = None, scores: list[str] | tuple[str, ...] = SCORES):
+                 layers: list[int] | None = None, scores: list[str] | tuple[str, ...] = SCORES,
+                 train_every_n_steps: int = 1):
         super().__init__()
         unknown = set(stages) - {"train", "val", "test"}
         if unknown:
             raise ValueError(f"MIDASCallback stages {sorted(unknown)}: expected train, val or test")
         target_classes(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), target)  # validates the name
+        if set(scores) - set(SCORES) or not scores:
+            raise ValueError(f"MIDASCallback scores {list(scores)}: expected a non-empty subset of {SCORES}")
+        if int(train_every_n_steps) < 1:
+            raise ValueError(f"MIDASCallback train_every_n_steps={train_every_n_steps}: expected an integer >= 1")
         self.stages, self.target, self.layers, self.scores = tuple(stages), target, layers, tuple(scores)
+        self.train_every_n_steps = int(train_every_n_steps)
         self._buffers: dict[str, dict[str, list]] = {}
+        self._reducer: BackwardBlockReducer | None = None
+        self._captured: dict | None = None
 
     # ------------------------------------------------------------------------------------ collection
     def _keep(self, attentions):
-        layers = self.layers if self.layers is not None else range(len(attentions))
-        return list(layers), [attentions[i] for i in layers]
+        n = len(attentions)
+        layers = [i % n for i in self.layers] if self.layers is not None else list(range(n))
+        return layers, [attentions[i] for i in layers]
 
     def _add(self, stage: str, epoch: int, ids: list[str], reduced: dict[str, torch.Tensor], layers: list[int]) -> None:
-        buf = self._buffers.setdefault(stage, {"ids": [], "layers": layers, "epoch": epoch, **{k: [] for k in reduced}})
+        """Append one batch's sums, left on their device (no host sync per step)."""
+        buf = self._buffers.setdefault(stage, {"ids": [], "layers": layers, "epoch": epoch, "batches": 0,
+                                               **{k: [] for k in reduced}})
         buf["ids"].extend(ids)
+        buf["batches"] += 1
         for key, value in reduced.items():
-            buf[key].append(value.numpy())
+            buf[key].append(value.detach())
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._flush_stale(trainer, pl_module)
@@ -74,22 +95,33 @@ class MIDASCallback(Callback):
             self._flush(stage, trainer, pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        pl_module.capture_attentions = "train" in self.stages
+        self._drop_reducer()  # left over only if the previous backward raised
+        pl_module.capture_attentions = "train" in self.stages and batch_idx % self.train_every_n_steps == 0
 
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        """Hook the captured attention maps so the training backward reduces their gradients in passing."""
         captured = getattr(pl_module, "captured", None)
-        pl_module.captured = None
         if not captured or "stage" in captured:
             return
+        pl_module.captured = None
         layers, attentions = self._keep(captured["attentions"])
-        if any(a.grad is None for a in attentions):
-            raise RuntimeError("MIDAS: attention tensors got no gradient in the training backward")
+        self._reducer = BackwardBlockReducer(attentions, captured["segments"], self.scores)
+        self._captured = {"layers": layers, "p_gold": captured["p_gold"], "ids": captured["ids"]}
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reducer, captured = self._reducer, self._captured
+        if reducer is None:
+            return
+        self._drop_reducer()
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        grads = [prob_grad_from_loss_grad(a.grad, captured["p_gold"], len(captured["ids"]), loss_scale,
-                                          trainer.accumulate_grad_batches) for a in attentions]
-        reduced = reduce_layers(attentions, grads, captured["segments"], self.scores)
-        self._add("train", trainer.current_epoch, captured["ids"], reduced, layers)
+        factor = loss_grad_factor(captured["p_gold"], len(captured["ids"]), loss_scale, trainer.accumulate_grad_batches)
+        self._add("train", trainer.current_epoch, captured["ids"], reducer.result(factor), captured["layers"])
+
+    def _drop_reducer(self) -> None:
+        if self._reducer is not None:
+            self._reducer.remove()
+        self._reducer, self._captured = None, None
 
     def _eval_batch(self, stage: str, trainer, pl_module) -> None:
         captured = getattr(pl_module, "captured", None)
@@ -97,14 +129,19 @@ class MIDASCallback(Callback):
         if stage not in self.stages or trainer.sanity_checking or not captured or captured.get("stage") != stage:
             return
         out, batch = captured["out"], captured["batch"]
-        with torch.inference_mode(False), torch.enable_grad():
-            probs = out.logits.float().softmax(-1)
-            tgt = target_classes(probs.detach(), batch["labels"], self.target)
-            f = probs.gather(1, tgt[:, None]).sum()  # samples do not interact: one backward for all
-            layers, attentions = self._keep(out.attentions)
-            grads = torch.autograd.grad(f, attentions)
-        reduced = reduce_layers(attentions, grads, out.segments, self.scores)
-        self._add(stage, trainer.current_epoch, list(batch["ids"]), reduced, layers)
+        layers, attentions = self._keep(out.attentions)
+        reducer = BackwardBlockReducer(attentions, out.segments, self.scores)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                probs = out.logits.float().softmax(-1)
+                tgt = target_classes(probs.detach(), batch["labels"], self.target)
+                f = probs.gather(1, tgt[:, None]).sum()  # samples do not interact: one backward for all
+                # differentiating down to the earliest kept layer runs every kept layer's hook on the way;
+                # only that one gradient is returned (and dropped), none is kept per layer
+                torch.autograd.grad(f, attentions[int(np.argmin(layers))])
+        finally:
+            reducer.remove()
+        self._add(stage, trainer.current_epoch, list(batch["ids"]), reducer.result(), layers)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._eval_batch("val", trainer, pl_module)
@@ -135,18 +172,23 @@ class MIDASCallback(Callback):
         # the run directory names the file and the epoch whose weights were evaluated
         path, epoch = midas_table_path(trainer, stage, trainer.current_epoch if buf is None else buf["epoch"])
         epoch = -1 if epoch is None else epoch  # -1: untrained weights
-        if buf is not None:
-            reduced = {k: np.concatenate(buf[k]) for k in (*self.scores, "count")}
+        batches = 0
+        if buf is not None:  # one host transfer per epoch and stage
+            reduced = {k: torch.cat([x.cpu() for x in buf[k]]).double().numpy() for k in (*self.scores, "count")}
             table = to_table(buf["ids"], reduced, epoch, stage, buf["layers"])
+            batches = buf["batches"]
         if trainer.world_size > 1:
             parts = [None] * trainer.world_size
-            torch.distributed.all_gather_object(parts, table)
-            parts = [p for p in parts if p is not None]
+            torch.distributed.all_gather_object(parts, (table, batches))
+            batches = sum(p[1] for p in parts)
+            parts = [p[0] for p in parts if p[0] is not None]
             table = pd.concat(parts, ignore_index=True) if parts else None
         if table is None or table.empty:
             return
         # DistributedSampler pads with repeated samples: keep each id once
         first = table.drop_duplicates(["id", "layer", "head", "block", "score"])
+        first.attrs["midas"] = {"every_n_steps": self.train_every_n_steps if stage == "train" else 1,
+                                "captured_batches": int(batches), "target": "gold" if stage == "train" else self.target}
         summary = block_summary(first)
         for row in summary[summary.score == "attattr"].itertuples():
             pl_module.log(f"midas/{stage}_attattr_{row.block}", float(row.mean), rank_zero_only=True, sync_dist=False)
@@ -171,13 +213,13 @@ class MIDASCallback(Callback):
     def state_dict(self) -> dict:
         """The unfinished epoch's sums, so a resumed run writes the same tables as an uninterrupted one.
 
-        Arrays are stored as tensors: checkpoints load with ``torch.load(weights_only=True)``.
+        Sums are stored as CPU tensors: checkpoints load with ``torch.load(weights_only=True)``.
         """
-        plain = ("ids", "layers", "epoch")
-        return {"buffers": {s: {k: (v if k in plain else [torch.from_numpy(np.asarray(x)) for x in v])
-                                for k, v in buf.items()} for s, buf in self._buffers.items()}}
+        return {"buffers": {s: {k: (v if k in PLAIN else [x.detach().cpu() for x in v]) for k, v in buf.items()}
+                            for s, buf in self._buffers.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        plain = ("ids", "layers", "epoch")
-        self._buffers = {s: {k: (v if k in plain else [x.numpy() if torch.is_tensor(x) else np.asarray(x) for x in v])
-                             for k, v in buf.items()} for s, buf in state_dict.get("buffers", {}).items()}
+        self._buffers = {s: {k: (v if k in PLAIN else [torch.as_tensor(x) for x in v]) for k, v in buf.items()}
+                         for s, buf in state_dict.get("buffers", {}).items()}
+        for buf in self._buffers.values():
+            buf.setdefault("batches", 0)  # checkpoints of earlier versions

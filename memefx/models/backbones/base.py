@@ -3,7 +3,8 @@
 An adapter takes a collated batch and returns logits, the per-token segment tensor of the *whole*
 sequence the transformer sees (special / text / image / pad) and, when asked, the attention
 probabilities of every layer as tensors that stay in the autograd graph, so MIDAS can take gradients
-with respect to them.
+with respect to them. Only forwards asked for attentions run the eager attention path; every other
+forward runs the adapter's ``attn_implementation`` (SDPA by default, see ``encoder.attention_path``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from memefx.models.backbones.base import Backbone, BackboneOutput, ImageEncoder
-from memefx.models.backbones.caption_pair import bert_encoder
+from memefx.models.backbones.encoder import attention_path, bert_encoder
 from memefx.schema import IMAGE, PAD
 
 
@@ -43,6 +43,8 @@ class SingleStreamBackbone(Backbone):
         visual: ``pixels`` (timm grid features) or ``regions`` (precomputed features from the batch).
         region_dim: feature size of precomputed regions (2048 for the Faster R-CNN features HMC used).
         use_tags: expect object tags as the second text segment (OSCAR).
+        attn_implementation: attention of forwards that capture nothing (``sdpa``, or ``eager``);
+            forwards asked for attentions always run eager.
     """
 
     def __init__(
@@ -63,12 +65,13 @@ class SingleStreamBackbone(Backbone):
         freeze_image_encoder: bool = False,
         image_encoder_args: dict | None = None,
         use_tags: bool = False,
+        attn_implementation: str = "sdpa",
     ):
         super().__init__()
         if visual not in ("pixels", "regions"):
             raise ValueError(f"visual={visual!r}: expected 'pixels' or 'regions'")
         self.encoder = bert_encoder(pretrained, vocab_size, hidden_size, num_layers, num_heads, intermediate_size,
-                                    max_position, dropout)
+                                    max_position, dropout, attn_implementation)
         cfg = self.encoder.config
         self.num_layers, self.num_heads, self.vocab_size = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size
         self.visual, self.use_tags = visual, use_tags
@@ -104,8 +107,9 @@ class SingleStreamBackbone(Backbone):
         token_types = torch.cat([batch["token_type_ids"], torch.ones(b, n, dtype=torch.long, device=device)], dim=1)
         positions = torch.cat([torch.arange(t, device=device).expand(b, -1), torch.zeros(b, n, dtype=torch.long, device=device)], dim=1)
         mask = torch.cat([batch["attention_mask"], visual_mask.to(batch["attention_mask"].dtype)], dim=1)
-        out = self.encoder(inputs_embeds=embeds, token_type_ids=token_types, position_ids=positions, attention_mask=mask,
-                           output_attentions=output_attentions, return_dict=True)
+        with attention_path(self.encoder.config, output_attentions):
+            out = self.encoder(inputs_embeds=embeds, token_type_ids=token_types, position_ids=positions,
+                               attention_mask=mask, output_attentions=output_attentions, return_dict=True)
         segments = torch.cat([batch["segments"], torch.where(visual_mask.bool(), IMAGE, PAD).to(batch["segments"].dtype)], dim=1)
         return BackboneOutput(self.head(out.last_hidden_state[:, 0]), segments,
                               tuple(out.attentions) if output_attentions else None)
