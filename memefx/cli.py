@@ -211,11 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     Errors in the input print one line naming the file, id or value and exit with status 2; ``--debug``
     (or ``MEMEFX_DEBUG=1``) shows the traceback instead.
     """
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MEMEFX_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:
-        return _dispatch(argv)
+        return _dispatch(argv, from_shell and "--debug" not in sys.argv)
     except KeyboardInterrupt:
         raise
     except Exception as err:  # noqa: BLE001 - the one place that turns errors into messages
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(err, USER_ERRORS) else 1
 
 
-def _dispatch(argv: list[str]) -> int:
+def _dispatch(argv: list[str], from_shell: bool = False) -> int:
     if argv and argv[0] == "icl":
         from memefx.icl.cli import main as icl_main
 
@@ -239,7 +240,7 @@ def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in TOOLS:
         return {"synth": _synth, "strata": _strata, "report": _report, "regions": _regions}[argv[0]](argv[1:])
     MemeCLI(
-        MemeClassifier, MemeDataModule, args=argv, save_config_callback=None,
+        MemeClassifier, MemeDataModule, args=None if from_shell else argv, save_config_callback=None,
         parser_kwargs={"parser_mode": "omegaconf"}, seed_everything_default=0,
     )
     return 0

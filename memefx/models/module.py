@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.aggregation import SumMetric
+from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from memefx.causal.miate import MiATE
@@ -135,7 +135,7 @@ class MemeClassifier(L.LightningModule):
             hp = self.hparams
             self.evaluators[key] = nn.ModuleDict({
                 "metrics": MetricCollection({"auroc": BinaryAUROC(), "acc": BinaryAccuracy()}),
-                "positives": SumMetric(), "negatives": SumMetric(),
+                "positives": SumMetric(), "negatives": SumMetric(), "loss": MeanMetric(),
                 **{kind: MiATE(n_bootstrap=hp.miate_bootstrap, seed=hp.miate_seed) for kind in KINDS},
             }).to(self.device)
             self._stage_splits.setdefault(stage, []).append(split)
@@ -166,9 +166,7 @@ class MemeClassifier(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch, output_attentions=self.capture_attentions)
         loss = F.cross_entropy(out.logits, batch["labels"])
-        if self.capture_attentions:  # MIDAS reads dLoss/dA from this very backward
-            for attention in out.attentions:
-                attention.retain_grad()
+        if self.capture_attentions:  # MIDAS hooks these maps and reduces dLoss/dA inside this very backward
             p_gold = out.logits.detach().float().softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
             self.captured = {"attentions": out.attentions, "segments": out.segments, "p_gold": p_gold,
                              "ids": list(batch["ids"])}
@@ -193,9 +191,8 @@ class MemeClassifier(L.LightningModule):
         ev["positives"].update((labels == 1).sum().float())
         ev["negatives"].update((labels == 0).sum().float())
         if labeled.any():
-            loss = F.cross_entropy(logits[labeled], labels[labeled])
-            self.log(self._key(stage, split, "loss"), loss, batch_size=int(labeled.sum()), sync_dist=True,
-                     add_dataloader_idx=False)
+            # a sample-weighted mean over every rank (not a mean of per-rank means)
+            ev["loss"].update(F.cross_entropy(logits[labeled], labels[labeled]), weight=int(labeled.sum()))
             ev["metrics"].update(probs[labeled], labels[labeled])
         row_ids = torch.tensor([int(i) for i in batch["ids"]], device=probs.device)
         for kind in KINDS:
@@ -231,6 +228,8 @@ class MemeClassifier(L.LightningModule):
         for split in self._stage_splits.get(stage, []):
             ev = self.evaluators[f"{stage}__{split}"]
             positives, negatives = int(ev["positives"].compute()), int(ev["negatives"].compute())
+            if positives + negatives:
+                self.log(self._key(stage, split, "loss"), ev["loss"].compute(), add_dataloader_idx=False)
             if positives and negatives:
                 for name, value in ev["metrics"].compute().items():
                     self.log(self._key(stage, split, name), value, add_dataloader_idx=False)
