@@ -229,3 +229,36 @@ def test_wandb_logger_without_wandb_says_what_to_install(tmp_path, tiny_root, mo
                  str(Path(__file__).resolve().parents[1] / "configs" / "logger" / "wandb.yaml"),
                  "--trainer.default_root_dir", str(tmp_path / "run")])
     assert code == 2 and "pip install 'memefx[wandb]'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ unlabeled / one class
+def _eval_splits_root(tmp_path: Path, tiny_root: Path) -> Path:
+    """tiny_root with a one-class test_seen and an unlabeled test_unseen (as users receive test files)."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    rows = [json.loads(line) for line in (root / "test_seen.jsonl").read_text().splitlines()]
+    (root / "test_seen.jsonl").write_text("".join(json.dumps({**r, "label": 0}) + "\n" for r in rows))
+    conf = pd.read_parquet(root / "confounders.parquet")
+    conf.loc[conf.split == "test_seen", "label"] = 0
+    conf.to_parquet(root / "confounders.parquet", index=False)
+    unlabeled = [{k: v for k, v in r.items() if k != "label"} | {"id": "9" + str(r["id"]).zfill(5)[1:]} for r in rows]
+    (root / "test_unseen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unlabeled))
+    return root
+
+
+def test_unlabeled_and_one_class_splits_get_predictions_not_made_up_metrics(tmp_path, tiny_root, caplog):
+    root = _eval_splits_root(tmp_path, tiny_root)
+    run = tmp_path / "run"
+    assert main(["fit", "--config", str(tiny_config(tmp_path, root)), "--trainer.max_epochs", "1",
+                 "--trainer.limit_train_batches", "2", "--trainer.default_root_dir", str(run),
+                 "--data.test_split", "[dev_seen, test_seen, test_unseen]", "--test_after_fit", "true"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "test/dev_seen/auroc" in metrics
+    assert not any(k.startswith(("test/test_seen/auroc", "test/test_unseen/")) for k in metrics), metrics
+    assert "test/test_seen/acc" not in metrics  # one class: no AUROC, and no accuracy beside it either
+    unlabeled = pd.read_parquet(run / "predictions" / "test_unseen.parquet")
+    assert len(unlabeled) == len((root / "test_unseen.jsonl").read_text().splitlines())
+    assert (unlabeled.label == -1).all() and unlabeled.p_hateful.between(0, 1).all()
+    assert json.loads((run / "miate" / "test_unseen.json").read_text())["shared_image"]["n_strata"] == 0
+    said = caplog.text
+    assert "'test_unseen' has no labels" in said and "'test_seen' has one class only" in said
