@@ -196,23 +196,14 @@ def table(answers: str, parsed: bool = False, json: bool = False) -> str:  # noq
 
 
 # --------------------------------------------------------------------------------------------------- metagrad
-def metagrad(answers: str, model: str, out: str, layers: list[int] | None = None, max_groups: int | None = None,
-             features: Literal["ours", "published", "both"] = "ours") -> str:
-    """Per-layer meta-gradient features of every prompt, and their analysis against the layout baseline.
-
-    Args:
-        answers: answers table with prompt, image_id, few_shot_num and labels
-        model: local folder of the causal LM that answered
-        out: folder for features.parquet, analysis.json, report.md, importance.png
-        layers: layer indices (default: all)
-        max_groups: first N target groups only
-        features: ours (per-head means), published (head-summed per-token, tail-aligned) or both
-    """
+def metagrad(**options) -> str:
+    """Meta-gradient features and their analysis; the options are ``run_metagrad``'s parameters."""
     from memefx.icl.engine import resolve_model
     from memefx.icl.metagrad_report import run_metagrad
 
-    folder = run_metagrad(answers, str(resolve_model(model)), out, layers, max_groups, features)
-    return f"memefx icl metagrad: {features} features and analysis -> {folder}"
+    options["model"] = str(resolve_model(options["model"]))  # a clear error for a missing folder, never a download
+    run_metagrad(**options)  # prints its own summary line
+    return ""
 
 
 # ------------------------------------------------------------------------------------------------- the parser
@@ -227,6 +218,10 @@ def schema(name: str) -> list[Callable]:
     library function it wraps plus the ``out`` of the wrapper."""
     if name == "prompts":
         return [_out_only, _prompt_options()]
+    if name == "metagrad":
+        from memefx.icl.metagrad_report import run_metagrad
+
+        return [run_metagrad]
     return [commands()[name]]
 
 
@@ -278,18 +273,21 @@ def _normalize(argv: list[str], types: dict[str, object]) -> list[str]:
     return out
 
 
-def build_parser():
-    """The jsonargparse parser of every subcommand, with a ``--config`` YAML each."""
+def build_parser(names: list[str] | None = None):
+    """The jsonargparse parser of the named subcommands (default: all), with a ``--config`` YAML each."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="memefx icl", description="In-context evaluation with an LLM (no Trainer).")
     sub = parser.add_subcommands(dest="command", required=True)
-    for name, func in commands().items():
-        p = ArgumentParser(prog=f"memefx icl {name}", description=(func.__doc__ or "").split("\n")[0])
+    for name in commands():
+        if names is not None and name not in names:
+            continue
+        doc = (schema(name)[-1].__doc__ or "").split("\n")[0]
+        p = ArgumentParser(prog=f"memefx icl {name}", description=doc)
         p.add_argument("--config", action=ActionConfigFile, help="YAML of these options; later flags override it")
         for source in schema(name):
             p.add_function_arguments(source, fail_untyped=True)
-        sub.add_subcommand(name, p, help=(func.__doc__ or "").split("\n")[0])
+        sub.add_subcommand(name, p, help=doc)
     return parser
 
 
@@ -297,7 +295,7 @@ def main(argv: list[str]) -> int:
     """Run one ``memefx icl`` subcommand; user errors print one line and return 2."""
     name = argv[0] if argv else ""
     types = {k: v for source in schema(name) for k, v in _option_types(source).items()} if name in commands() else {}
-    parser = build_parser()
+    parser = build_parser([name] if name in commands() else None)
     config = parser.parse_args([name, *_normalize(argv[1:], types)] if name in commands() else argv)
     init = parser.instantiate(config)[name]
     func = commands()[name]
