@@ -1,12 +1,34 @@
-"""Meta-gradient pure parts: dual-form exactness, exact attention mass, spans on real prompts."""
+"""Meta-gradient: dual-form exactness, exact attention mass, demonstration spans known character by
+character, the published per-token form, and an analysis that separates features from prompt layout."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from memefx.icl.metagrad import CAPTION, IMAGE, OTHER, attention_mass, dual_form, span_labels, target_spans
+from memefx.icl.metagrad import (
+    CAPTION,
+    CONTEXT,
+    DEMO_ANSWER,
+    DEMO_DESCRIPTION,
+    DEMO_OTHER,
+    DEMO_TEXT,
+    IMAGE,
+    OTHER,
+    attention_mass,
+    demo_char_groups,
+    demo_groups,
+    dual_form,
+    published_vectors,
+    span_labels,
+    tail_aligned,
+    target_spans,
+)
+from memefx.icl.prompts import INSTRUCTION, Member, gold_answer, pair_prompt, parse_prompt
 from tests.conftest import shared_file
 
 
@@ -58,6 +80,115 @@ def test_spans_on_real_prompts_match_their_pair_texts():
     assert checked >= 100  # 25 prompts, both fields of every target pair
 
 
+def _hand_built(k: int) -> tuple[str, list[int], list[Member]]:
+    """A k-shot prompt assembled piece by piece with the group of every character written down as it is
+    appended (independently of ``render``), plus the target members."""
+    demos = [[Member(f"demo {d} text {j}", f"a photo {d}.{j}", label=int(j == d % 2)) for j in range(2 + d % 2)]
+             for d in range(k)]
+    target = [Member("target text zero", "target photo zero"), Member("target text one", "target photo one")]
+    text, labels = [], []
+
+    def put(piece: str, group: int) -> None:
+        text.append(piece)
+        labels.extend([group] * len(piece))
+
+    blocks = [(d, gold_answer(d)) for d in demos] + [(target, None)]
+    for b, (members, answer) in enumerate(blocks):
+        is_target = b == len(blocks) - 1
+        outside = CONTEXT if is_target else DEMO_OTHER
+        if b == 0:
+            put("User: " + INSTRUCTION.format(last=len(target) - 1), CONTEXT)
+            put("\n", CONTEXT)
+        else:
+            put("User:\n", outside)
+        for i, m in enumerate(members):
+            put(f"#{i}: caption: '", outside)
+            put(m.text, CONTEXT if is_target else DEMO_TEXT)
+            put("', image: '", outside)
+            put(m.description, CONTEXT if is_target else DEMO_DESCRIPTION)
+            put("'" + ("\n" if i < len(members) - 1 else ""), outside)
+        put("\nSystem:", outside)
+        if answer is not None:
+            put("\n\n", DEMO_OTHER)
+            put(answer, DEMO_ANSWER)
+            put("\n\n", DEMO_OTHER)
+    return "".join(text), labels, target
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
+def test_demonstration_spans_known_character_by_character(k):
+    prompt, expected, target = _hand_built(k)
+    demos = [[Member(f"demo {d} text {j}", f"a photo {d}.{j}", label=int(j == d % 2)) for j in range(2 + d % 2)]
+             for d in range(k)]
+    assert prompt == pair_prompt(target, demos)  # the hand-built layout is the real one
+    assert demo_char_groups(prompt) == expected
+    # one token per character: token groups are the character groups
+    assert demo_groups(prompt, [(i, i + 1) for i in range(len(prompt))]).tolist() == expected
+    # every demonstration, the last one included, has exactly one answer span: its gold answer
+    runs, start = [], None
+    for i, g in enumerate([*expected, CONTEXT]):
+        if g == DEMO_ANSWER and start is None:
+            start = i
+        elif g != DEMO_ANSWER and start is not None:
+            runs.append(prompt[start:i])
+            start = None
+    assert runs == [gold_answer(d) for d in demos]
+
+
+def test_straddling_tokens_take_their_content_group():
+    prompt, expected, _ = _hand_built(1)
+    answer_at = prompt.index(gold_answer([Member("demo 0 text 0", "", 1), Member("", "", 0)]))
+    offsets = [(0, 5), (answer_at - 2, answer_at + 3), (answer_at + 3, answer_at + 3), (len(prompt) - 3, len(prompt))]
+    assert demo_groups(prompt, offsets).tolist() == [CONTEXT, DEMO_ANSWER, CONTEXT, CONTEXT]
+
+
+def test_demonstration_spans_on_real_prompts_decode_to_their_gold_answers():
+    from memefx.data.collate import train_wordpiece
+
+    answers = pd.read_csv(shared_file("llm_answers.csv"))
+    prompts = answers[answers.few_shot_num > 0].drop_duplicates(["image_id", "few_shot_num"])
+    tok = train_wordpiece(prompts.prompt.tolist(), 4000)
+
+    def squash(text: str) -> str:
+        return tok.decode(tok(text, add_special_tokens=False)["input_ids"]).replace(" ", "")
+
+    checked = 0
+    for row in prompts.itertuples():
+        enc = tok(row.prompt, return_offsets_mapping=True, add_special_tokens=False)
+        groups = demo_groups(row.prompt, enc["offset_mapping"]).tolist()
+        blocks = parse_prompt(row.prompt)
+        for group, wanted in ((DEMO_ANSWER, [b.answer for b in blocks[:-1]]),
+                              (DEMO_TEXT, [m.text for b in blocks[:-1] for m in b.members]),
+                              (DEMO_DESCRIPTION, [m.description for b in blocks[:-1] for m in b.members])):
+            runs, start = [], None
+            for t, g in enumerate([*groups, CONTEXT]):
+                if g == group and start is None:
+                    start = t
+                elif g != group and start is not None:
+                    runs.append(tok.decode(enc["input_ids"][start:t]).replace(" ", ""))
+                    start = None
+            assert runs == [squash(w) for w in wanted], (row.image_id, row.few_shot_num, group)
+        assert groups.count(DEMO_ANSWER) > 0
+        checked += 1
+    assert checked == len(prompts) >= 180  # every 1- to 4-shot prompt of the shared answers
+
+
+def test_published_vectors_of_a_hand_built_map_and_tail_alignment():
+    labels = torch.tensor([OTHER, CAPTION, CAPTION, IMAGE, IMAGE])
+    att = torch.zeros(2, 5, 5)
+    att[0, 1] = torch.tensor([0.0, 0.5, 0.25, 0.25, 0.0])
+    att[1, 1] = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
+    att[0, 2] = torch.tensor([0.5, 0.0, 0.5, 0.0, 0.0])
+    att[0, 3] = torch.tensor([0.0, 0.1, 0.1, 0.8, 0.0])
+    att[1, 4] = torch.tensor([0.0, 0.3, 0.0, 0.4, 0.3])
+    vec = published_vectors(att, labels)
+    assert torch.allclose(vec["caption_caption"], torch.tensor([0.75 + 0.4, 0.5]))  # heads summed
+    assert torch.allclose(vec["image_image"], torch.tensor([0.8, 0.7]))
+    assert torch.allclose(vec["cross"], torch.tensor([0.25 + 0.4, 0.0, 0.2, 0.3]))  # zero kept
+    zero, delta = tail_aligned(torch.tensor([9.0, 1.0, 2.0, 3.0]), torch.tensor([0.5, 1.0, 1.0]))
+    assert zero.tolist() == [0.5, 1.0, 1.0] and delta.tolist() == [0.5, 1.0, 2.0]  # aligned from the end
+
+
 def _tiny_llama(tmp_path):
     from tests.test_engine import _save_llama
 
@@ -84,20 +215,134 @@ def test_hook_features_equal_an_unhooked_computation(tmp_path):
         for h in range(att.shape[1]):
             assert feats[f"L{layer}_H{h}_cross"] == pytest.approx(float(mass["cross"][h]), abs=1e-6)
     assert feats["L1_H0_dual_demo_text"] > 0  # a one-shot prompt has demonstration keys
+    assert feats["L1_H0_dual_demo_answer"] > 0  # its (last and only) demonstration's answer is labelled
+
+    from memefx.icl.metagrad_features import prompt_record
+
+    record = prompt_record(model, tok, prompt, features="published")
+    for layer, att in enumerate(maps):
+        expected = published_vectors(att[0].float(), labels)
+        for kind, vector in record["published"][layer].items():
+            assert torch.allclose(vector, expected[kind], atol=1e-6)
 
 
-def test_metagrad_cli_end_to_end_on_tiny_llama(tmp_path):
+def test_run_metagrad_end_to_end_on_tiny_llama_both_forms(tmp_path):
+    from memefx.icl.metagrad_report import run_metagrad
+
+    path = _tiny_llama(tmp_path)
+    out = run_metagrad(shared_file("llm_answers.csv"), path, tmp_path / "mg", max_groups=5, features="both",
+                       tail=4, n_bootstrap=20)
+    features = pd.read_parquet(out / "features.parquet")
+    assert features.groupby("image_id").few_shot_num.nunique().max() > 1
+    assert {"L0_H0_caption_caption_zs", "L1_H3_cross_delta", "L0_H0_dual_demo_answer", "L1_P_cross_t4_delta",
+            "L0_P_image_image_mean_zs", "layout_prompt_tokens", "layout_pairs"} <= set(features.columns)
+    zero = features[features.few_shot_num == 0]
+    assert (zero.filter(like="_delta") == 0).all().all()  # zero-shot rows have no delta, in both forms
+    assert (zero.filter(like="_dual_") == 0).all().all()
+    shot = features[features.few_shot_num > 0]
+    assert (shot.filter(like="dual_demo_answer") > 0).all().all()  # every demonstration's answer is seen
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["feature_sets"].keys() == {"ours", "published"}
+    report = (out / "report.md").read_text()
+    first_table = report.index("| outcome | features | layout baseline AUC | layout + features AUC | gain [95% CI]")
+    assert first_table < report.index("## Within each shot count") < report.index("## What the features add")
+    assert "| is_formatted | published |" in report
+    assert "importance.png" in report and (out / "importance.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_metagrad_cli_takes_the_feature_form(tmp_path):
     from memefx.cli import main
 
     path = _tiny_llama(tmp_path)
-    answers = shared_file("llm_answers.csv")
-    assert main(["icl", "metagrad", "--answers", str(answers), "--model", path, "--out", str(tmp_path / "mg"),
-                 "--max-groups", "12"]) == 0
+    assert main(["icl", "metagrad", "--answers", str(shared_file("llm_answers.csv")), "--model", path,
+                 "--out", str(tmp_path / "mg"), "--max-groups", "4", "--features", "published"]) == 0
     features = pd.read_parquet(tmp_path / "mg" / "features.parquet")
-    assert features.groupby("image_id").few_shot_num.nunique().max() > 1
-    assert {"L0_H0_caption_caption_zs", "L1_H3_cross_delta", "L0_H0_dual_demo_answer"} <= set(features.columns)
-    zero = features[features.few_shot_num == 0]
-    assert (zero.filter(like="_delta") == 0).all().all()  # zero-shot rows have no delta
-    report = (tmp_path / "mg" / "report.md").read_text()
-    assert "is_functional" in report and "grouped AUC" in report
-    assert "importance.png" in report and (tmp_path / "mg" / "importance.png").stat().st_size > 1000
+    assert any(c.startswith("L0_P_") for c in features.columns)
+    assert not any(c.startswith("L0_H") for c in features.columns)
+
+
+def _feature_table(mode: str, n_groups: int = 40, per: int = 2, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Synthetic (features, answers) shaped like the real ones: 0..3 shots per target group, delta features
+    exactly 0 at zero shots and shifted with the shot count, layout columns growing with the shot count.
+
+    ``shot``: outcomes depend on the shot count only (is_functional: 30% at 0 shots, always at k > 0;
+    is_formatted: 25% / 80%). ``planted``: is_formatted depends on one feature within each shot
+    (L1_H3_caption_caption_delta, whose scale and offset also change with the shot count)."""
+    rng = np.random.default_rng(seed)
+    feats, answers = [], []
+    for g in range(n_groups):
+        zs = rng.normal(size=3)
+        for k in range(4):
+            row = {"image_id": f"g{g}", "few_shot_num": k, "layout_prompt_tokens": 100 + 80 * k + int(rng.integers(0, 20)),
+                   "layout_pairs": 2 + g % 3}
+            for j in range(3):
+                row[f"L0_H{j}_cross_zs"] = zs[j]
+            for j in range(6):
+                row[f"L{j % 2}_H{j}_image_image_delta"] = 0.0 if k == 0 else rng.normal(1 + k, 1)
+            planted = rng.normal()
+            row["L1_H3_caption_caption_delta"] = 0.0 if k == 0 else 2 * k + (1 + k) * planted
+            feats.append(row)
+            for _ in range(per):
+                if mode == "shot":
+                    functional = rng.random() < (0.3 if k == 0 else 1.0)
+                    formatted = rng.random() < (0.25 if k == 0 else 0.8)
+                else:
+                    functional = rng.random() < 0.5
+                    formatted = rng.random() < 1 / (1 + np.exp(-(3 * planted + (0.5 if k else -0.5))))
+                answers.append({"image_id": f"g{g}", "few_shot_num": k, "is_functional": int(functional),
+                                "is_formatted": int(formatted), "is_hateful": 1, "ground_truth": int(rng.random() < 0.5)})
+    return pd.DataFrame(feats), pd.DataFrame(answers)
+
+
+def test_gain_interval_covers_zero_when_only_the_shot_count_matters():
+    from memefx.icl.metagrad_analysis import analyse
+
+    features, answers = _feature_table("shot")
+    result = analyse(features, answers, n_bootstrap=100, n_repeats=2, outcome_names=("is_functional", "is_formatted"))
+    for outcome in ("is_functional", "is_formatted"):
+        entry = result["outcomes"][outcome]
+        ours = entry["sets"]["ours"]
+        assert entry["baseline"]["auc"] > 0.65  # the layout alone predicts the outcome
+        assert ours["alone_raw"]["grouped"] > 0.65  # so do raw features alone: the confound
+        assert ours["ci_low"] <= 0 <= ours["ci_high"], ours  # but they add nothing beyond the layout
+    within = result["outcomes"]["is_functional"]["sets"]["ours"]["within_shot"]
+    assert "auc_features" in within[0]
+    assert all("note" in within[k] and "fewer than" in within[k]["note"] for k in (1, 2, 3))  # all functional
+
+
+def test_gain_is_positive_and_the_planted_feature_ranks_first():
+    from memefx.icl.metagrad_analysis import analyse
+
+    features, answers = _feature_table("planted")
+    result = analyse(features, answers, n_bootstrap=100, n_repeats=2, outcome_names=("is_formatted",))
+    ours = result["outcomes"]["is_formatted"]["sets"]["ours"]
+    assert ours["ci_low"] > 0.1 and ours["gain"] > 0.2, ours
+    assert next(iter(ours["top_features"])) == "L1_H3_caption_caption_delta"
+    assert next(iter(ours["importance"])) == "caption_caption|delta|L1"
+    for k in (1, 2, 3):
+        assert ours["within_shot"][k]["ci_low"] > 0, ours["within_shot"][k]
+
+
+def test_paired_gain_counts_pairs_within_folds_only():
+    from memefx.icl.metagrad_analysis import paired_gain, stratified_auc
+
+    y = np.array([1, 0, 1, 0])
+    score = np.array([0.9, 0.8, 0.2, 0.1])  # perfect inside each fold, not across
+    fold = np.array([0, 0, 1, 1])
+    assert stratified_auc(y, score, fold) == 1.0
+    result = paired_gain(y, np.zeros(4), score, np.array(["a", "a", "b", "b"]), fold, n_bootstrap=0)
+    assert result["auc_baseline"] == 0.5 and result["auc_features"] == 1.0 and result["pairs"] == 2
+
+
+def test_dual_form_batched_over_heads_equals_one_head_at_a_time():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 9, 5, dtype=torch.float64), torch.randn(3, 9, 5, dtype=torch.float64)
+    groups = torch.tensor([3, 0, 0, 1, 2, 3, -1, -1, -1])
+    positions = torch.tensor([5, 6, 7, 8])
+    batched = dual_form(q, k, v, groups, positions)
+    for h in range(3):
+        single = dual_form(q[h], k[h], v[h], groups, positions)
+        assert torch.allclose(batched["zsl"][h], single["zsl"])
+        for g in single["delta"]:
+            assert torch.allclose(batched["relative_norm"][g][h], single["relative_norm"][g])

@@ -74,41 +74,95 @@ def dual_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, demo_groups: to
               positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Split linear attention over demonstrations and context into W_ZSL q + sum_g Delta W_g q.
 
-    ``q``: (Q, d) target-block queries; ``k``, ``v``: (L, d) keys and values of the whole prompt;
-    ``demo_groups``: (L,) -1 for the query context (instruction, target block) and g >= 0 for the
-    demonstration span group of each key (0 text, 1 description, 2 answer, 3 other). With ``positions``
-    (Q,), query i only sees keys j <= positions[i] (causal models). Returns ``zsl`` (Q, d), ``delta``
-    {g: (Q, d)} and ``relative_norm`` {g: ||Delta W_g q|| / ||W_ZSL q||} (Q,).
+    ``q``: (..., Q, d) target-block queries; ``k``, ``v``: (..., L, d) keys and values of the whole prompt
+    (leading dims, e.g. heads, batch the computation); ``demo_groups``: (L,) -1 for the query context
+    (instruction, target block) and g >= 0 for the demonstration span group of each key (0 text,
+    1 description, 2 answer, 3 other). With ``positions`` (Q,), query i only sees keys j <= positions[i]
+    (causal models). Returns ``zsl`` (..., Q, d), ``delta`` {g: (..., Q, d)} and ``relative_norm``
+    {g: ||Delta W_g q|| / ||W_ZSL q||} (..., Q).
     """
-    scores = q @ k.T  # (Q, L): the k_j^T q factors of sum_j v_j k_j^T q
+    scores = q @ k.transpose(-1, -2)  # (..., Q, L): the k_j^T q factors of sum_j v_j k_j^T q
     if positions is not None:
-        scores = scores * (torch.arange(k.shape[0], device=k.device)[None, :] <= positions[:, None])
-    context = (demo_groups < 0).to(scores.dtype)
-    zsl = (scores * context) @ v
+        scores = scores * (torch.arange(k.shape[-2], device=k.device)[None, :] <= positions[:, None])
+
+    def part(mask: torch.Tensor) -> torch.Tensor:
+        idx = mask.nonzero().flatten()
+        return scores[..., idx] @ v[..., idx, :]
+
+    zsl = part(demo_groups < 0)
     delta, relative = {}, {}
     for g in sorted(int(x) for x in demo_groups[demo_groups >= 0].unique()):
-        delta[g] = (scores * (demo_groups == g).to(scores.dtype)) @ v
+        delta[g] = part(demo_groups == g)
         relative[g] = delta[g].norm(dim=-1) / zsl.norm(dim=-1).clamp_min(1e-12)
     return {"zsl": zsl, "delta": delta, "relative_norm": relative}
 
 
 DEMO_GROUPS = {0: "demo_text", 1: "demo_description", 2: "demo_answer", 3: "demo_other"}
+CONTEXT, DEMO_TEXT, DEMO_DESCRIPTION, DEMO_ANSWER, DEMO_OTHER = -1, 0, 1, 2, 3
+_DEMO_ANSWER = re.compile(r"\nSystem:\n\n(.*?)\n\n(?=User:\n)", re.S)
+
+
+def demo_char_groups(prompt: str) -> list[int]:
+    """Group of every character: -1 query context (the instruction line and the target block), else the
+    demonstration span it lies in: 0 meme text, 1 description, 2 gold answer, 3 anything else of a
+    demonstration (layout words, quotes, turn markers, blank lines).
+
+    Demonstration blocks run from the end of the instruction line to the last ``User:`` turn (the target).
+    Each demonstration's answer is the text between its ``System:`` turn and the blank line before the next
+    ``User:`` turn, so the last demonstration's answer (followed by the target's ``User:``) counts too.
+    """
+    target = prompt.rfind("User:")
+    if target < 0:
+        raise ValueError("prompt has no 'User:' turn")
+    labels = [CONTEXT] * len(prompt)
+    instruction_end = prompt.find("\n")
+    if target == 0 or instruction_end < 0:
+        return labels  # zero-shot: no demonstration
+    labels[instruction_end + 1:target] = [DEMO_OTHER] * (target - instruction_end - 1)
+    demos = prompt[:target]
+    for match in _PAIR_LINE.finditer(demos):
+        for group, kind in ((2, DEMO_TEXT), (3, DEMO_DESCRIPTION)):
+            labels[match.start(group):match.end(group)] = [kind] * (match.end(group) - match.start(group))
+    for match in _DEMO_ANSWER.finditer(prompt, 0, target + len("User:\n")):
+        labels[match.start(1):match.end(1)] = [DEMO_ANSWER] * (match.end(1) - match.start(1))
+    return labels
 
 
 def demo_groups(prompt: str, offsets: list[tuple[int, int]]) -> torch.Tensor:
-    """(L,) group of every token: -1 query context (instruction and target block), else the demonstration
-    span it lies in: 0 meme text, 1 description, 2 gold answer, 3 anything else of a demonstration."""
-    target = prompt.rfind("User:")
-    instruction_end = prompt.find("\n")
-    spans = []  # (char_lo, char_hi, group), later entries win
-    spans.append((instruction_end + 1, target, 3))
-    for match in _PAIR_LINE.finditer(prompt[:target]):
-        spans += [(match.start(2), match.end(2), 0), (match.start(3), match.end(3), 1)]
-    for match in re.finditer(r"System:\n\n(.*?)\n\n(?=User:)", prompt[:target], re.S):
-        spans.append((match.start(1), match.end(1), 2))
-    labels = torch.full((len(offsets),), -1, dtype=torch.long)
-    for lo, hi, group in spans:
-        for t, (a, b) in enumerate(offsets):
-            if b > a and a < hi and b > lo:
-                labels[t] = group
+    """(L,) group of every token (see ``demo_char_groups``). A token that straddles spans takes the first
+    meme text / description / answer character it covers, else ``demo_other`` if it covers any
+    demonstration character, else the query context; empty tokens (special, zero-width) are context."""
+    chars = demo_char_groups(prompt)
+    labels = torch.full((len(offsets),), CONTEXT, dtype=torch.long)
+    for t, (a, b) in enumerate(offsets):
+        covered = chars[a:b]
+        content = [g for g in covered if g in (DEMO_TEXT, DEMO_DESCRIPTION, DEMO_ANSWER)]
+        if content:
+            labels[t] = content[0]
+        elif DEMO_OTHER in covered:
+            labels[t] = DEMO_OTHER
     return labels
+
+
+def published_vectors(attention: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The published per-token form: head-summed attention mass of each target-block span token.
+
+    ``attention``: (H, L, L) one layer's map; ``labels``: (L,) from ``span_labels``. Returns, in token
+    order, ``caption_caption`` (mass of each caption token on caption keys), ``image_image`` (each image
+    token on image keys) and ``cross`` (each caption token on image keys, each image token on caption
+    keys). Unlike the reference code, tokens whose mass is exactly zero are kept (dropping them shifts the
+    tail alignment).
+    """
+    summed = attention.sum(0)
+    cap, img = labels == CAPTION, labels == IMAGE
+    on_cap, on_img = summed @ cap.to(summed.dtype), summed @ img.to(summed.dtype)
+    return {"caption_caption": on_cap[cap], "image_image": on_img[img],
+            "cross": torch.where(cap, on_img, on_cap)[cap | img]}
+
+
+def tail_aligned(shot: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align a k-shot and a zero-shot per-token vector from their ends (the target block ends both
+    prompts): returns (zero-shot tail, k-shot minus zero-shot tail) over the shorter length."""
+    n = min(len(shot), len(zero))
+    zero_tail = zero[len(zero) - n:]
+    return zero_tail, shot[len(shot) - n:] - zero_tail
