@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -109,31 +110,32 @@ class MemeCLI(LightningCLI):
 
 
 def _synth(argv: list[str]) -> int:
+    """``memefx synth``: the options are ``SyntheticConfig``'s fields (one schema for flags and YAML)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
     from memefx.data.strata import summarize
     from memefx.data.synthetic import SyntheticConfig, write_synthetic
     from memefx.data.tables import read_confounders
 
-    p = argparse.ArgumentParser(prog="memefx synth", description="Write a synthetic HMC-layout dataset.")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-memes", type=int, default=SyntheticConfig.n_memes)
-    p.add_argument("--label-noise", type=float, default=SyntheticConfig.label_noise)
-    p.add_argument("--eval-label-noise", type=float, default=SyntheticConfig.eval_label_noise)
-    p.add_argument("--max-confounders", type=int, default=SyntheticConfig.max_confounders)
-    p.add_argument("--text-shortcut", type=float, default=0.0)
-    p.add_argument("--image-shortcut", type=float, default=0.0)
-    p.add_argument("--image-size", type=int, default=SyntheticConfig.image_size)
-    a = p.parse_args(argv)
-    cfg = SyntheticConfig(
-        n_memes=a.n_memes, seed=a.seed, label_noise=a.label_noise, eval_label_noise=a.eval_label_noise,
-        max_confounders=a.max_confounders, text_shortcut=a.text_shortcut, image_shortcut=a.image_shortcut,
-        image_size=a.image_size,
-    )
+    p = ArgumentParser(prog="memefx synth", description="Write a synthetic HMC-layout dataset.", exit_on_error=True)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
+    p.add_argument("--out", required=True, help="folder to write (HMC layout plus side tables)")
+    p.add_class_arguments(SyntheticConfig, None, as_group=False)
+    a = p.parse_args([_dash_to_underscore(x) for x in argv])
+    cfg = SyntheticConfig(**{f.name: a[f.name] for f in dataclasses.fields(SyntheticConfig)})
     out = write_synthetic(a.out, cfg)
     conf = read_confounders(out / "confounders.parquet")
     counts = conf.groupby("split").label.agg(["size", "sum"]).rename(columns={"size": "memes", "sum": "hateful"})
     print(json.dumps({"out": str(out), "splits": counts.astype(int).to_dict("index"), "strata": summarize(conf)}, indent=2))
     return 0
+
+
+def _dash_to_underscore(arg: str) -> str:
+    """``--n-memes`` and ``--n_memes`` alike (field names have underscores; shells like dashes)."""
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
 
 
 def _strata(argv: list[str]) -> int:

@@ -84,3 +84,26 @@ def test_synth_command(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert sum(s["memes"] for s in summary["splits"].values()) == 80
     assert (tmp_path / "s" / "train.jsonl").is_file()
+
+
+def test_synth_options_come_from_synthetic_config(tmp_path, capsys):
+    """Flags (dashes or underscores) and a YAML config share SyntheticConfig's schema."""
+    import dataclasses
+
+    from memefx.data.synthetic import SyntheticConfig
+
+    (tmp_path / "synth.yaml").write_text("n_memes: 70\nimage_size: 16\nlabel_noise: 0.1\n")
+    assert main(["synth", "--out", str(tmp_path / "a"), "--config", str(tmp_path / "synth.yaml")]) == 0
+    assert main(["synth", "--out", str(tmp_path / "b"), "--n-memes", "70", "--image_size", "16",
+                 "--label-noise", "0.1"]) == 0
+    a = json.loads((tmp_path / "a" / "synthetic.json").read_text())
+    assert a == json.loads((tmp_path / "b" / "synthetic.json").read_text())
+    assert a["n_memes"] == 70 and a["label_noise"] == 0.1
+    assert main(["synth", "--out", str(tmp_path / "c"), "--n-memes", "0"]) == 2  # the dataclass's own check
+    with pytest.raises(SystemExit):  # every dataclass field is an option, and only those
+        main(["synth", "--out", str(tmp_path / "d"), "--no-such-option", "1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    shown = capsys.readouterr().out
+    assert all(f"--{field.name}" in shown for field in dataclasses.fields(SyntheticConfig))
