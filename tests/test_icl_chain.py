@@ -135,3 +135,8 @@ def test_per_meme_scores_are_predictions_for_miate_and_auroc(tiny_root, llama, t
         scores[["id", "p_hateful"]], on="id")
     per = [g[g.label == 1].p_hateful.mean() - g[g.label == 0].p_hateful.mean() for _, g in rows.groupby("anchor")]
     assert len(per) > 2 and result["mean"] == pytest.approx(float(np.mean(per)), abs=1e-9)
+    capsys.readouterr()  # `memefx miate` reads the score run's output as it is, both kinds
+    assert main(["miate", "--predictions", str(out), "--confounders", str(conf), "--split", "dev_seen", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shared_image"]["mean"] == pytest.approx(float(np.mean(per)), abs=1e-9)
+    assert report["auroc"] == pytest.approx(auroc) and report["shared_text"]["n_strata"] > 0

@@ -194,7 +194,7 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
         char_cap: published layout: drop prompts longer than this many characters (default 2000).
         budget: memefx layout: token budget per prompt (needs ``tokenizer``); demonstrations are dropped to fit.
         tokenizer: local tokenizer folder measuring ``budget``.
-        per_meme: one per-meme prompt (``id, group, label, prompt``) per stratum member instead.
+        per_meme: one per-meme prompt (``id, group, label, prompt``) per stratum member (both kinds) instead.
         text_column, description_column: caption-table columns (meme-text stand-in, description).
 
     Every table has ``group, few_shot_num, prompt, member_ids, member_labels`` (per-meme: ``id, group,
@@ -245,7 +245,8 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
     from memefx.data.strata import strata_members
 
     members = strata_members(conf)
-    members = members[(members.split == split) & (members.kind == kind)]
+    # per-meme prompts cover every stratum member of the split, both kinds, as memefx miate reads predictions
+    members = members[(members.split == split) & ((members.kind == kind) | per_meme)]
     if members.empty:
         raise PromptInputError(f"no {kind} strata in split {split!r}")
     if labels is not None:
