@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 
-import yaml
+import pytest
 from lightning.pytorch.callbacks import Callback
 
 from memefx.report.compare import compare_runs
-from tests.test_cli import _tiny_config
+from tests.conftest import tiny_config
 
 
 class KillAtStep(Callback):
@@ -31,12 +31,9 @@ def _fit(config, run, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+@pytest.mark.slow  # spawns processes
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, tiny_root):
-    config = _tiny_config(tmp_path, tiny_root, midas=True)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                        "init_args": {"every_n_train_steps": 3, "save_last": True}})
-    config.write_text(yaml.safe_dump(cfg))
+    config = tiny_config(tmp_path, tiny_root, midas=True, callbacks=["checkpoint_every_3_steps"])
     full = _fit(config, tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
     run = tmp_path / "killed"

@@ -10,13 +10,13 @@ import pytest
 from memefx.cli import main
 from memefx.data.datamodule import MemeDataModule
 from memefx.provenance import data_fingerprint
-from tests.test_cli import _tiny_config
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_root):
     tmp = tmp_path_factory.mktemp("reruns")
-    config = _tiny_config(tmp, tiny_root, midas=True)
+    config = tiny_config(tmp, tiny_root, midas=True)
     runs = {}
     for name, extra in (("a", []), ("b", []), ("seed", ["--seed_everything", "1", "--model.seed", "1"])):
         runs[name] = tmp / name
@@ -25,6 +25,7 @@ def two_runs(tmp_path_factory, tiny_root):
     return runs
 
 
+@pytest.mark.slow  # shares three fits (about 40 s)
 def test_provenance_records_config_versions_seeds_and_data(two_runs, tiny_root):
     record = json.loads((two_runs["a"] / "provenance.json").read_text())
     assert record["config"]["data"]["root"] == str(tiny_root)
@@ -50,11 +51,13 @@ def test_fingerprint_changes_when_one_row_changes(tiny_root, tmp_path):
     assert fa["files"]["dev_seen.jsonl"] == fb["files"]["dev_seen.jsonl"]
 
 
+@pytest.mark.slow  # shares three fits (about 40 s)
 def test_same_config_and_seed_give_identical_results(two_runs, capsys):
     assert main(["report", "--compare", str(two_runs["a"]), str(two_runs["b"]), "--atol", "0"]) == 0
     assert "0 result differences" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # shares three fits (about 40 s)
 def test_changed_seed_is_reported_and_fails(two_runs, capsys):
     assert main(["report", "--compare", str(two_runs["a"]), str(two_runs["seed"])]) == 1
     out = capsys.readouterr().out

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 from lightning.pytorch.callbacks import Callback
 
 from memefx.cli import main
-from tests.test_cli import _tiny_config
+from tests.conftest import tiny_config
 
 
 class StopAfterFirstEpoch(Callback):
@@ -18,8 +19,9 @@ class StopAfterFirstEpoch(Callback):
         trainer.should_stop = True
 
 
+@pytest.mark.slow  # three fits: about 50 s
 def test_resume_equals_uninterrupted(tmp_path, tiny_root):
-    config = _tiny_config(tmp_path, tiny_root, midas=True)
+    config = tiny_config(tmp_path, tiny_root, midas=True)
     common = ["--config", str(config), "--trainer.limit_train_batches", "4", "--trainer.max_epochs", "2"]
     main(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "full")])
     part = tmp_path / "part"
@@ -33,4 +35,5 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_root):
         pd.testing.assert_frame_equal(a, b, check_exact=True)
     a = json.loads((tmp_path / "full" / "miate" / "dev_seen.json").read_text())
     b = json.loads((part / "miate" / "dev_seen.json").read_text())
+    assert b.pop("checkpoint") is not None and a.pop("checkpoint") is None  # where the run came from, not a result
     assert a == b

@@ -12,28 +12,30 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.test_cli import _tiny_config
+from tests.conftest import free_port, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _srun_env(rank: int, ntasks: int) -> dict:
+def _srun_env(rank: int, ntasks: int, port: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
     env.update(SLURM_NTASKS=str(ntasks), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0",
                SLURM_NNODES="1", SLURM_NTASKS_PER_NODE=str(ntasks), SLURM_JOB_ID="4242", SLURM_JOB_NAME="memefx",
-               SLURM_NODELIST="127.0.0.1", MASTER_PORT="29642", PYTHONUNBUFFERED="1")
+               SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
     return env
 
 
+@pytest.mark.slow  # spawns processes
 def test_simulated_srun_forms_one_ddp_group_and_matches_one_process(tmp_path, tiny_root):
-    config = _tiny_config(tmp_path, tiny_root)
+    config = tiny_config(tmp_path, tiny_root)
     cmd = [sys.executable, "-m", "memefx.cli", "validate", "--config", str(config)]
     single = subprocess.run([*cmd, "--trainer.default_root_dir", str(tmp_path / "one")], capture_output=True,
                             text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     slurm_cmd = [*cmd, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
                  "--trainer.default_root_dir", str(tmp_path / "slurm")]
-    procs = [subprocess.Popen(slurm_cmd, env=_srun_env(r, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = free_port()
+    procs = [subprocess.Popen(slurm_cmd, env=_srun_env(r, 2, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
