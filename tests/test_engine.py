@@ -150,6 +150,7 @@ def test_icl_configs_fill_run_options(tiny_llama, tmp_path):
         main(["icl", "run", "--config", str(config), "--prompts", str(prompts), "--cache", "c", "--out", "o"])
 
 
+@pytest.mark.slow  # spawns processes
 def test_gpu_check_script_runs_on_cpu_with_a_tiny_model():
     pytest.importorskip("bitsandbytes")
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--shape", "tiny", "--score-batch", "2",
@@ -276,3 +277,46 @@ def test_missing_model_folder_is_a_clear_user_error(name, tmp_path, capsys):
                  "--out", str(tmp_path / "o.parquet")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("memefx icl run: no model folder") and "\n" not in err
+
+
+@pytest.mark.slow  # spawns torchrun twice
+def test_killed_torchrun_with_a_torn_line_resumes_without_loss_or_repeat(tiny_llama, tmp_path):
+    """A real 2-process run killed mid-way (SIGKILL to the whole group), a torn line appended as a kill
+    mid-write leaves it, then the same command again: the merged table equals a one-process run and every
+    prompt is answered exactly once across the shards."""
+    import signal
+    import time
+
+    prompts = pd.concat([_prompts(7).assign(group=lambda d: d.group + 10 * k) for k in range(8)], ignore_index=True)
+    prompts["prompt"] = [p + " " + "pair " * (i % 5) for i, p in enumerate(prompts.prompt)]  # 56 distinct prompts
+    path = tmp_path / "prompts.parquet"
+    prompts.to_parquet(path)
+    cfg = EngineConfig(model=tiny_llama, max_new_tokens=24, batch_size=1)
+    expected = run(prompts, cfg, tmp_path / "one")
+    cache = tmp_path / "c2"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "memefx.cli", "icl", "run", "--prompts", str(path), "--engine.model", tiny_llama,
+               "--engine.max_new_tokens", "24", "--engine.batch_size", "1", "--cache", str(cache),
+               "--out", str(tmp_path / "two.parquet")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+    def lines(shard: str) -> int:
+        p = cache / shard
+        return len(p.read_text().splitlines()) if p.is_file() else 0
+
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None and min(lines("rank0.jsonl"), lines("rank1.jsonl")) < 3:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done = lines("rank0.jsonl") + lines("rank1.jsonl")
+    assert 6 <= done < prompts.prompt.nunique(), f"{done} answers before the kill"  # killed mid-run
+    with open(cache / "rank1.jsonl", "a") as f:
+        f.write('{"key": "0f3a", "generated_text": "cut')
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    pd.testing.assert_frame_equal(expected, pd.read_parquet(tmp_path / "two.parquet"))
+    keys = [json.loads(line)["key"] for shard in ("rank0.jsonl", "rank1.jsonl")
+            for line in (cache / shard).read_text().splitlines() if line.endswith("}")]
+    assert len(keys) == len(set(keys)) == prompts.prompt.nunique()
