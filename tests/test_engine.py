@@ -287,8 +287,8 @@ def test_killed_torchrun_with_a_torn_line_resumes_without_loss_or_repeat(tiny_ll
     import signal
     import time
 
-    prompts = pd.concat([_prompts(7).assign(group=lambda d: d.group + 10 * k) for k in range(8)], ignore_index=True)
-    prompts["prompt"] = [p + " " + "pair " * (i % 5) for i, p in enumerate(prompts.prompt)]  # 56 distinct prompts
+    prompts = pd.concat([_prompts(7)] * 8, ignore_index=True)
+    prompts["prompt"] = [f"{p} #{i}" for i, p in enumerate(prompts.prompt)]  # 56 distinct prompts
     path = tmp_path / "prompts.parquet"
     prompts.to_parquet(path)
     cfg = EngineConfig(model=tiny_llama, max_new_tokens=24, batch_size=1)
