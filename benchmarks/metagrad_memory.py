@@ -1,7 +1,8 @@
 """Peak memory of meta-gradient feature extraction against the number of layers kept.
 
 Each measurement runs in a fresh process (peak RSS): the hooks reduce every layer's L x L attention map as
-it is produced, versus a forward that returns every layer's map (``output_attentions=True``).
+it is produced (``hooks``: our per-head form; ``hooks_both``: ours plus the published per-token vectors),
+versus a forward that returns every layer's map (``output_attentions=True``).
 
     python benchmarks/metagrad_memory.py [--tokens 1500] [--layers 2 4 8 16]
 """
@@ -22,7 +23,7 @@ def child(mode: str, layers: int, tokens: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memefx.data.collate import train_wordpiece
-    from memefx.icl.metagrad_features import prompt_features
+    from memefx.icl.metagrad_features import prompt_features, prompt_record
     from memefx.icl.prompts import Member, pair_prompt
 
     words = [f"w{i}" for i in range(300)]
@@ -40,6 +41,8 @@ def child(mode: str, layers: int, tokens: int) -> None:
     with torch.no_grad():
         if mode == "hooks":
             prompt_features(model, tok, prompt)
+        elif mode == "hooks_both":
+            prompt_record(model, tok, prompt, features="both")
         else:
             ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
             maps = model(input_ids=ids, output_attentions=True).attentions
@@ -59,11 +62,12 @@ def main() -> None:
         return
     for layers in a.layers:
         row = {}
-        for mode in ("hooks", "all_maps"):
+        for mode in ("hooks", "hooks_both", "all_maps"):
             out = subprocess.run([sys.executable, __file__, "--child", mode, str(layers), str(a.tokens)],
                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             row[mode] = json.loads(out)
         print(f"layers={layers} tokens={row['hooks']['tokens']} extra_mib_hooks={row['hooks']['extra_mib']:.1f} "
+              f"extra_mib_hooks_both={row['hooks_both']['extra_mib']:.1f} "
               f"extra_mib_all_maps={row['all_maps']['extra_mib']:.1f}")
 
 

@@ -77,8 +77,9 @@ def report_markdown(result: dict, plot: str | None = None) -> str:
         "",
         f"Rows per shot count: {shots}. Feature sets (columns): {sets}.",
         f"Folds: {result['n_splits']} grouped by target group; regularisation chosen by inner grouped folds; "
-        f"AUCs count pairs within a test fold; intervals: paired bootstrap over target groups "
-        f"({result['n_bootstrap']} resamples).",
+        f"AUCs count pairs within a test fold (means over {result.get('n_repeats', 1)} repetitions with other "
+        f"folds); 95% intervals: the whole cross-validation refitted on {result['n_bootstrap']} resamples of "
+        f"target groups, baseline and features on the same resample.",
         "",
         "## Beyond the prompt layout",
         "",
