@@ -24,7 +24,7 @@ def read_answers(path: str | Path) -> pd.DataFrame:
 
 def run_metagrad(answers: str | Path, model: str, out: str | Path, layers: list[int] | None = None,
                  max_groups: int | None = None, features: Literal["ours", "published", "both"] = "ours",
-                 tail: int = 8, n_bootstrap: int = 1000, seed: int = 0) -> Path:
+                 tail: int = 8, n_bootstrap: int = 200, seed: int = 0) -> Path:
     """Meta-gradient features and their analysis for every answered prompt.
 
     Args:
@@ -37,7 +37,8 @@ def run_metagrad(answers: str | Path, model: str, out: str | Path, layers: list[
         features: ``ours`` (per-head means over the target's query tokens, dual-form norms),
             ``published`` (head-summed per-token vectors aligned tail to tail), or ``both``.
         tail: the number of last aligned tokens kept per span kind in the published form.
-        n_bootstrap: paired group-bootstrap resamples of the AUC gain.
+        n_bootstrap: resamples of target groups on which the whole cross-validation is refitted (the
+            interval of the AUC gain); the analysis time grows linearly with it.
         seed: folds and bootstrap.
 
     Returns:
