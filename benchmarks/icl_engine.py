@@ -52,7 +52,8 @@ def prompt_set(n: int, seed: int = 0) -> tuple[list[str], str]:
 
 
 @torch.no_grad()
-def _old_score(model, tok, prompts: list[str], batch: int, stats: EngineStats) -> list[list[float]]:
+def _old_score(model, tok, prompts: list[str], batch: int, stats: EngineStats,
+               continuations: tuple[str, ...] = CONTINUATIONS) -> list[list[float]]:
     """The engine before this change: each continuation forwarded with its prompt, table-order batches."""
     out = []
     for start in range(0, len(prompts), batch):
@@ -60,7 +61,7 @@ def _old_score(model, tok, prompts: list[str], batch: int, stats: EngineStats) -
         for prompt in prompts[start:start + batch]:
             n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
             stats.prompt_tokens += n_prompt
-            for cont in CONTINUATIONS:
+            for cont in continuations:
                 full = tok(prompt + cont, add_special_tokens=False)["input_ids"]
                 texts.append(prompt + cont)
                 spans.append(len(full) - n_prompt)
@@ -74,13 +75,14 @@ def _old_score(model, tok, prompts: list[str], batch: int, stats: EngineStats) -
         for row, n_cont in enumerate(spans):
             targets = enc["input_ids"][row, -n_cont:]
             scores.append(float(logprobs[row, -n_cont - 1:-1].gather(1, targets[:, None]).sum()))
-        out += [scores[i:i + len(CONTINUATIONS)] for i in range(0, len(scores), len(CONTINUATIONS))]
+        out += [scores[i:i + len(continuations)] for i in range(0, len(scores), len(continuations))]
     return out
 
 
-def _new_score(model, tok, prompts: list[str], batch: int, stats: EngineStats) -> list[list[float]]:
+def _new_score(model, tok, prompts: list[str], batch: int, stats: EngineStats,
+               continuations: tuple[str, ...] = CONTINUATIONS) -> list[list[float]]:
     ids = [encode_prompt(tok, p) for p in prompts]
-    conts = [encode_continuations(tok, p, CONTINUATIONS) for p in prompts]
+    conts = [encode_continuations(tok, p, continuations) for p in prompts]
     out: list[list[float] | None] = [None] * len(prompts)
     for chunk in length_batches([len(i) for i in ids], batch):
         for i, lp in zip(chunk, score_ids(model, [ids[i] for i in chunk], [conts[i] for i in chunk], tok.pad_token_id, stats)):
@@ -99,9 +101,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--continuations", default="| benign,| hateful",
+                   help="comma-separated label continuations, '|' standing for a leading space")
     a = p.parse_args()
+    continuations = tuple(c.replace("|", " ") for c in a.continuations.split(","))
     prompts, source = prompt_set(a.n)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tok = train_wordpiece(prompts, 2000)
     tok.padding_side = "left"  # as memefx.icl.engine.load sets it
     torch.manual_seed(0)
@@ -112,7 +116,8 @@ def main() -> None:
         LlamaForCausalLM(config).save_pretrained(folder)
         model = LlamaForCausalLM.from_pretrained(folder).eval()
     lengths = [len(encode_prompt(tok, q)) for q in prompts]
-    print(f"prompts={len(prompts)} source={source} tokens_median={int(statistics.median(lengths))} "
+    n_cont = [len(c) for c in encode_continuations(tok, prompts[0], continuations)]
+    print(f"continuation_tokens={n_cont} prompts={len(prompts)} source={source} tokens_median={int(statistics.median(lengths))} "
           f"tokens_max={max(lengths)} batch={a.batch}")
     times = {"old": [], "new": []}
     results, stats = {}, {}
@@ -120,7 +125,7 @@ def main() -> None:
         for name, fn in (("old", _old_score), ("new", _new_score)):
             s = EngineStats()
             start = time.perf_counter()
-            results[name] = fn(model, tok, prompts, a.batch, s)
+            results[name] = fn(model, tok, prompts, a.batch, s, continuations)
             times[name].append(time.perf_counter() - start)
             stats[name] = s
     diff = max(abs(x - y) for r_old, r_new in zip(results["old"], results["new"]) for x, y in zip(r_old, r_new))
