@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memefx.data.collate import IMAGE
 from memefx.data.datamodule import MemeDataModule
 from memefx.models.backbones import build_backbone
 from memefx.models.module import MemeClassifier
+from memefx.schema import IMAGE
 from tests.conftest import TINY_BACKBONE
 
 

@@ -122,21 +122,29 @@ class BackwardBlockReducer:
         self._handles, self._attentions = [], []
 
 
+def _strings(values: Sequence[str], codes: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """``values[codes]`` as a pandas string array, without one Python string per row (fast for long tables)."""
+    return pd.array(np.asarray(list(values), dtype=object), dtype="str").take(codes)
+
+
 def to_table(ids: Sequence[str], reduced: dict[str, np.ndarray | torch.Tensor], epoch: int, stage: str,
              layers: Sequence[int]) -> pd.DataFrame:
-    """Long table: id, epoch, stage, layer, head, block, score, sum, count (one row per entry)."""
+    """Long table: id, epoch, stage, layer, head, block, score, sum, count (one row per entry).
+
+    Rows run over scores (SCORES order), then samples, layers, heads and blocks.
+    """
+    scores = [s for s in SCORES if s in reduced]
+    if not scores:
+        return pd.DataFrame()
     counts = np.asarray(reduced["count"])
-    frames = []
-    for score in (s for s in SCORES if s in reduced):
-        sums = np.asarray(reduced[score])  # (N, L, H, 4)
-        n, n_layers, n_heads, n_blocks = sums.shape
-        idx = np.indices(sums.shape).reshape(4, -1)
-        frames.append(pd.DataFrame({
-            "id": np.asarray(ids, dtype=object)[idx[0]], "epoch": epoch, "stage": stage,
-            "layer": np.asarray(layers)[idx[1]], "head": idx[2], "block": np.asarray(BLOCKS)[idx[3]],
-            "score": score, "sum": sums.reshape(-1), "count": counts[idx[0], idx[3]],
-        }))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    sums = np.stack([np.asarray(reduced[s]) for s in scores])  # (S, N, L, H, 4)
+    idx = np.indices(sums.shape).reshape(5, -1)
+    return pd.DataFrame({
+        "id": _strings(ids, idx[1]), "epoch": np.full(idx.shape[1], epoch, dtype=np.int64),
+        "stage": _strings([stage], np.zeros(idx.shape[1], dtype=np.int64)), "layer": np.asarray(layers)[idx[2]],
+        "head": idx[3], "block": _strings(BLOCKS, idx[4]), "score": _strings(scores, idx[0]),
+        "sum": sums.reshape(-1), "count": counts[idx[1], idx[4]],
+    })
 
 
 def block_summary(table: pd.DataFrame, by: Sequence[str] = ("stage", "epoch", "score", "block")) -> pd.DataFrame:

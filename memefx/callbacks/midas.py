@@ -185,8 +185,8 @@ class MIDASCallback(Callback):
             table = pd.concat(parts, ignore_index=True) if parts else None
         if table is None or table.empty:
             return
-        # DistributedSampler pads with repeated samples: keep each id once
-        first = table.drop_duplicates(["id", "layer", "head", "block", "score"])
+        # DistributedSampler pads with repeated samples: keep each id once (one process holds no repeats)
+        first = table.drop_duplicates(["id", "layer", "head", "block", "score"]) if trainer.world_size > 1 else table
         first.attrs["midas"] = {"every_n_steps": self.train_every_n_steps if stage == "train" else 1,
                                 "captured_batches": int(batches), "target": "gold" if stage == "train" else self.target}
         summary = block_summary(first)
