@@ -81,6 +81,8 @@ def report_markdown(result: dict, plot: str | None = None) -> str:
         f"AUCs count pairs within a test fold (means over {result.get('n_repeats', 1)} repetitions with other "
         f"folds); 95% intervals: the whole cross-validation refitted on {result['n_bootstrap']} resamples of "
         f"target groups, baseline and features on the same resample.",
+        *([f"Answer rows without a features row (left out): {result['answer_rows_without_features']}."]
+          if result.get("answer_rows_without_features") else []),
         "",
         "## Beyond the prompt layout",
         "",
