@@ -160,7 +160,7 @@ def parse(answers: str, out: str, column: str | None = None) -> str:
     from memefx.icl.parse import parse_table
 
     table, expanded = _pairs(_read(answers), column)
-    parsed = parse_table(table, "generated_text" if expanded else column)
+    parsed = parse_table(table, (column or "generated_text") if expanded else column)
     _write(parsed, out)
     hand = [c for c in ("is_functional", "is_formatted", "is_hateful") if c in parsed]
     agreement = {c: round(float((parsed[c] == parsed[f"parsed_{c}"]).mean()), 4) for c in hand}
