@@ -226,6 +226,7 @@ def test_hook_features_equal_an_unhooked_computation(tmp_path):
             assert torch.allclose(vector, expected[kind], atol=1e-6)
 
 
+@pytest.mark.slow  # about 35 s
 def test_run_metagrad_end_to_end_on_tiny_llama_both_forms(tmp_path):
     from memefx.icl.metagrad_report import run_metagrad
 
