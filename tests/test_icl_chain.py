@@ -140,3 +140,27 @@ def test_per_meme_scores_are_predictions_for_miate_and_auroc(tiny_root, llama, t
     report = json.loads(capsys.readouterr().out)
     assert report["shared_image"]["mean"] == pytest.approx(float(np.mean(per)), abs=1e-9)
     assert report["auroc"] == pytest.approx(auroc) and report["shared_text"]["n_strata"] > 0
+
+
+def test_every_icl_option_comes_from_a_typed_signature(capsys):
+    """Each subcommand's flags are exactly the parameters of the functions it calls (dataclass fields nested):
+    nothing written twice, nothing missing; the spellings users type map onto them."""
+    import inspect
+
+    from memefx.icl.cli import _normalize, _option_types, build_parser, commands, schema
+
+    parser = build_parser()
+    for name in commands():
+        sub = parser._subcommands_action._name_parser_map[name]
+        flags = {a.dest for a in sub._actions if a.dest not in ("help", "config", "print_config")}
+        expected = {k for source in schema(name) for k in _option_types(source)}
+        nested = {k.split(".")[0] for k in expected if "." in k}  # a dataclass group also takes a whole config
+        assert flags - nested == expected, name
+        for source in schema(name):
+            assert all(p.annotation is not inspect.Parameter.empty for p in inspect.signature(source).parameters.values())
+    types = {k: v for source in schema("prompts") for k, v in _option_types(source).items()}
+    assert _normalize(["--per-meme", "--shots", "0,2", "--char-cap=900", "--out", "x"], types) == [
+        "--per_meme=true", "--shots=[0, 2]", "--char_cap=900", "--out=x"]
+    with pytest.raises(SystemExit):
+        build_parser(["run"]).parse_args(["run", "--prompts", "p", "--cache", "c", "--out", "o",
+                                          "--engine.model", "m", "--engine.no_such_flag", "1"])
