@@ -76,6 +76,7 @@ class _SDPACalls:
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
 
 
+@pytest.mark.slow  # about 30 s for oscar
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_paths_agree_and_checkpoints_do_not_depend_on_them(family, tiny_root, monkeypatch):
     """SDPA in forwards that capture nothing, eager only where attentions are asked for; same outputs,
@@ -180,7 +181,7 @@ def test_region_files_missing_or_misshapen(tiny_root, tmp_path):
         MemeDataModule(root=str(tiny_root), image_side="regions", region_features=str(tmp_path / "r")).setup("validate")
 
 
-def test_bottom_up_tsv_converts_to_region_files(tmp_path):
+def test_bottom_up_tsv_converts_to_region_files(tmp_path, capsys):
     import base64
 
     from memefx.data.regions import check_regions, load_regions
@@ -202,4 +203,6 @@ def test_bottom_up_tsv_converts_to_region_files(tmp_path):
     assert feats.shape == (5, 8) and torch.allclose(boxes[0], torch.tensor([0.05, 0.05, 0.55, 0.55]))
     (tmp_path / "bad.tsv").write_text(rows[0].replace("\t3\t", "\t4\t") + "\n")
     with pytest.raises(HMCFormatError, match=r"bad\.tsv:1: malformed region row"):
-        main(["regions", "--tsv", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "npz2")])
+        main(["regions", "--tsv", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "npz2"), "--debug"])
+    assert main(["regions", "--tsv", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "npz2")]) == 2
+    assert "bad.tsv:1: malformed region row" in capsys.readouterr().err  # one line, no traceback

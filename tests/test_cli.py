@@ -29,6 +29,7 @@ def test_fit_fast_dev_run(tmp_path, tiny_root):
     assert not (run / "config.yaml").exists()  # Lightning saves no config under fast_dev_run
 
 
+@pytest.mark.slow  # a 1-epoch fit, a test and a report: about 55 s on a loaded 2-core machine
 def test_fit_writes_run_directory(tmp_path, tiny_root, capsys):
     run = tmp_path / "run"
     main(["fit", "--config", str(_tiny_config(tmp_path, tiny_root, midas=True)), "--trainer.max_epochs", "1",
@@ -61,6 +62,7 @@ def test_fit_writes_run_directory(tmp_path, tiny_root, capsys):
         assert (run / "report" / png).stat().st_size > 1000
 
 
+@pytest.mark.slow  # about 30 s
 def test_wandb_logger_offline(tmp_path, tiny_root, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from memefx.causal.miate import MiATE, miate, miate_from_predictions, stratum_effects, summarize
 from memefx.data.strata import strata_members
 from memefx.data.synthetic import SyntheticConfig, generate_memes, truth_table
+from tests.conftest import free_port
 
 
 def _world(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -178,6 +179,7 @@ def _ddp_worker(rank: int, world_size: int, rows: pd.DataFrame, port: int, out: 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns processes
 def test_two_gloo_processes_equal_one_process():
     rows = _random_rows(4)
     single = MiATE(n_bootstrap=100)
@@ -185,7 +187,7 @@ def test_two_gloo_processes_equal_one_process():
     expected = single.compute()
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, rows, 29517, out), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, rows, free_port(), out), nprocs=2, join=True)
         got = dict(out)
     for key in ("mean", "weighted_mean", "ci_low", "ci_high", "n_strata"):
         assert got[key] == pytest.approx(expected[key], abs=1e-12) or (math.isnan(got[key]) and math.isnan(expected[key]))

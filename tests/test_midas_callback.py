@@ -75,6 +75,7 @@ def test_train_stage_equals_explicit_gold_gradient(tmp_path, tiny_root, accumula
     _compare(got, _explicit_table(model, batches, "train", 0))
 
 
+@pytest.mark.slow  # about 30 s
 def test_train_every_n_steps_captures_one_batch_in_n(tmp_path, tiny_root, monkeypatch):
     dm, model = _setup(tiny_root, lr=0.0, scheduler="constant")
     captures = []
@@ -103,6 +104,7 @@ def test_train_every_n_steps_captures_one_batch_in_n(tmp_path, tiny_root, monkey
         MIDASCallback(train_every_n_steps=0)
 
 
+@pytest.mark.slow  # about 25 s
 def test_eval_stage_single_backward_equals_per_sample_loop(tmp_path, tiny_root):
     dm, model = _setup(tiny_root)
     trainer = _trainer(tmp_path, [MIDASCallback(stages=["val"])], limit_val_batches=2)

@@ -45,6 +45,7 @@ def _tiny(tmp_path, root):
 
 
 # ------------------------------------------------------------------------------------ three entry points
+@pytest.mark.slow  # three fits: about 40 s
 def test_plain_trainer_and_user_cli_write_the_same_folder_as_memefx_fit(tmp_path, tiny_root):
     model_cfg, data_cfg = _tiny(tmp_path, tiny_root)
 
@@ -76,6 +77,7 @@ def test_plain_trainer_and_user_cli_write_the_same_folder_as_memefx_fit(tmp_path
 
 
 # -------------------------------------------------------------------------------- refusing to mix runs
+@pytest.mark.slow  # several fits: about 45 s
 def test_second_fit_is_refused_and_overwrite_clears(tmp_path, tiny_root, capsys):
     config = str(tiny_config(tmp_path, tiny_root))
     run = tmp_path / "run"
@@ -130,6 +132,7 @@ def test_manifest_verifies_checkpoints_and_resolves_last_by_step(tmp_path):
     assert "last-v1.ckpt" not in json.loads((folder / "manifest.json").read_text())
 
 
+@pytest.mark.slow  # about 22 s
 def test_resume_with_corrupt_checkpoint_is_an_error(tmp_path, tiny_root, capsys):
     config = str(tiny_config(tmp_path, tiny_root, callbacks=["checkpoint_every_3_steps"]))
     run = tmp_path / "run"
@@ -246,6 +249,7 @@ def _eval_splits_root(tmp_path: Path, tiny_root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # about 25 s
 def test_unlabeled_and_one_class_splits_get_predictions_not_made_up_metrics(tmp_path, tiny_root, caplog):
     root = _eval_splits_root(tmp_path, tiny_root)
     run = tmp_path / "run"
