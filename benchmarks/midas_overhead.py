@@ -358,8 +358,12 @@ def profile(args) -> None:
         total, fwd, bwd = t["end"] - t["start"], t["forward_end"] - t["start"], t["backward_end"] - t["forward_end"]
         print(f"profile_{config}: step_s={total:.3f} forward_s={fwd:.3f} backward_s={bwd:.3f} "
               f"optimizer_and_rest_s={total - fwd - bwd:.3f}")
-        events = sorted(spans.prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        for e in events[: args.profile_rows]:
+        events = spans.prof.key_averages()
+        total_ms = sum(e.self_cpu_time_total for e in events) / 1000
+        reduce_ms = sum(e.cpu_time_total for e in events if e.key == "midas.block_sums") / 1000
+        print(f"  profiled_cpu_ms={total_ms:.1f} midas_block_sums_ms={reduce_ms:.1f} "
+              f"({100 * reduce_ms / max(total_ms, 1e-9):.1f}% of the step)")
+        for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.profile_rows]:
             print(f"  {e.key[:60]:60s} self_cpu_ms={e.self_cpu_time_total / 1000:9.1f} calls={e.count}")
 
 

@@ -93,7 +93,7 @@ class BackwardBlockReducer:
         self._handles = [a.register_hook(partial(self._reduce, k)) for k, a in enumerate(self._attentions)]
 
     def _reduce(self, k: int, grad: torch.Tensor) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), torch.profiler.record_function("midas.block_sums"):
             att = self._attentions[k].detach()
             parts = {"attention": lambda: att, "gradient": lambda: grad, "attattr": lambda: att * grad}
             self._sums[k] = {s: fused_block_sums(parts[s](), *self._operators) for s in self.scores}
