@@ -347,3 +347,30 @@ def test_dual_form_batched_over_heads_equals_one_head_at_a_time():
         assert torch.allclose(batched["zsl"][h], single["zsl"])
         for g in single["delta"]:
             assert torch.allclose(batched["relative_norm"][g][h], single["relative_norm"][g])
+
+
+def test_parsed_verdicts_stand_in_for_missing_hand_labels():
+    """``memefx icl parse`` output of a new model's run has parsed_is_* and no hand labels: the analysis reads
+    those (the README chain parse -> metagrad), hand labels win where both exist, and a table with neither
+    is an error naming what is missing."""
+    from memefx.icl.metagrad_analysis import outcome_columns, outcomes
+
+    _, answers = _feature_table("shot", n_groups=4, per=1)
+    parsed = answers.rename(columns={c: f"parsed_{c}" for c in ("is_functional", "is_formatted", "is_hateful")})
+    pd.testing.assert_frame_equal(outcomes(parsed), outcomes(answers))
+    both = answers.assign(parsed_is_functional=1 - answers.is_functional)
+    assert outcome_columns(both)["is_functional"] == "is_functional"
+    pd.testing.assert_frame_equal(outcomes(both), outcomes(answers))
+    with pytest.raises(ValueError, match=r"lacks columns \['is_formatted \(or parsed_is_formatted\)'\]"):
+        outcomes(answers.drop(columns="is_formatted"))
+
+
+def test_run_metagrad_refuses_a_table_without_outcomes_before_any_forward(tmp_path):
+    from memefx.icl.metagrad_report import run_metagrad
+
+    answers = pd.read_csv(shared_file("llm_answers.csv")).drop(columns=["is_functional"])
+    path = tmp_path / "answers.csv"
+    answers.to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"answers.csv: answers table lacks columns \['is_functional"):
+        run_metagrad(path, str(tmp_path / "no-model-needed"), tmp_path / "mg")
+    assert not (tmp_path / "mg").exists()

@@ -36,15 +36,31 @@ _NAME = re.compile(r"^L(\d+)_(H\d+|P)_(.+?)(?:_(?:t\d+|mean))?(?:_(zs|delta))?$"
 CS = (0.01, 0.1, 1.0)
 
 
-def outcomes(answers: pd.DataFrame) -> pd.DataFrame:
-    """is_functional, is_formatted and correct (the hateful verdict equals the gold label) per answer row."""
-    missing = {"image_id", "few_shot_num", "is_functional", "is_formatted", "is_hateful", "ground_truth"} - set(answers)
+def outcome_columns(answers: pd.DataFrame) -> dict[str, str]:
+    """Where each verdict comes from: the hand label ``is_<v>`` when the table has it, else the parser's
+    ``parsed_is_<v>`` (``memefx icl parse`` output of a new model's run has no hand labels)."""
+    found, missing = {}, []
+    for verdict in ("is_functional", "is_formatted", "is_hateful"):
+        column = verdict if verdict in answers else f"parsed_{verdict}"
+        if column in answers:
+            found[verdict] = column
+        else:
+            missing.append(f"{verdict} (or parsed_{verdict})")
+    missing += [c for c in ("image_id", "few_shot_num", "ground_truth") if c not in answers]
     if missing:
-        raise ValueError(f"answers table lacks columns {sorted(missing)} (hand labels or parsed verdicts)")
+        raise ValueError(f"answers table lacks columns {missing} (has {list(answers.columns)}): give hand labels "
+                         "or the parsed verdicts of memefx icl parse")
+    return found
+
+
+def outcomes(answers: pd.DataFrame) -> pd.DataFrame:
+    """is_functional, is_formatted and correct (the hateful verdict equals the gold label) per answer row,
+    from hand labels or, where absent, parsed verdicts (``outcome_columns``)."""
+    source = outcome_columns(answers)
     out = answers[["image_id", "few_shot_num"]].copy()
     for column in ("is_functional", "is_formatted"):
-        out[column] = answers[column].astype(int)
-    out["correct"] = (answers["is_hateful"].astype(int) == answers["ground_truth"].astype(int)).astype(int)
+        out[column] = answers[source[column]].astype(int)
+    out["correct"] = (answers[source["is_hateful"]].astype(int) == answers["ground_truth"].astype(int)).astype(int)
     return out
 
 
@@ -345,7 +361,7 @@ def analyse(features: pd.DataFrame, answers: pd.DataFrame, n_bootstrap: int = 20
               "groups": int(len(np.unique(groups))), "shots": {int(k): int((shots == k).sum()) for k in shot_values},
               "layout": list(LAYOUT), "feature_sets": {name: len(cols) for name, cols in sets.items()},
               "n_splits": n_splits, "n_repeats": n_repeats, "n_bootstrap": n_bootstrap, "seed": seed,
-              "min_class_rows": min_class_rows, "outcomes": {}}
+              "min_class_rows": min_class_rows, "outcome_columns": outcome_columns(answers), "outcomes": {}}
     for outcome in outcome_names:
         y = data[outcome].to_numpy()
         entry: dict = {"positive": int(y.sum()), "rows": int(len(y))}

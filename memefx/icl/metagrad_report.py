@@ -10,7 +10,7 @@ from typing import Literal
 
 import pandas as pd
 
-from memefx.icl.metagrad_analysis import analyse
+from memefx.icl.metagrad_analysis import analyse, outcome_columns
 from memefx.icl.metagrad_features import features_table
 
 
@@ -47,6 +47,12 @@ def run_metagrad(answers: str | Path, model: str, out: str | Path, layers: list[
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     table = read_answers(answers)
+    if "prompt" not in table:
+        raise ValueError(f"{answers}: answers table has no 'prompt' column (has {list(table.columns)})")
+    try:  # before any model forward: a table the analysis cannot read fails in seconds, not after the features
+        outcome_columns(table)
+    except ValueError as err:
+        raise ValueError(f"{answers}: {err}") from None
     if max_groups:
         table = table[table.image_id.isin(table.image_id.drop_duplicates().head(max_groups))]
     lm = AutoModelForCausalLM.from_pretrained(model, local_files_only=True, attn_implementation="eager").eval()
@@ -83,6 +89,8 @@ def report_markdown(result: dict, plot: str | None = None) -> str:
         f"target groups, baseline and features on the same resample.",
         *([f"Answer rows without a features row (left out): {result['answer_rows_without_features']}."]
           if result.get("answer_rows_without_features") else []),
+        *([f"Outcomes from columns: {', '.join(f'{k} <- {v}' for k, v in result['outcome_columns'].items())}."]
+          if result.get("outcome_columns") else []),
         "",
         "## Beyond the prompt layout",
         "",
