@@ -164,3 +164,19 @@ def test_every_icl_option_comes_from_a_typed_signature(capsys):
     with pytest.raises(SystemExit):
         build_parser(["run"]).parse_args(["run", "--prompts", "p", "--cache", "c", "--out", "o",
                                           "--engine.model", "m", "--engine.no_such_flag", "1"])
+
+
+def test_table_refuses_pairs_without_a_gold_label(tmp_path, capsys):
+    """A replayed pair that maps to no meme carries ground_truth -1: scoring it would count a wrong answer."""
+    from memefx.icl.prompts import Member, pair_prompt
+
+    prompt = pair_prompt([Member("a", "b"), Member("c", "d")])
+    run = pd.DataFrame({"group": ["07", "08"], "few_shot_num": [0, 0], "prompt": [prompt] * 2,
+                        "member_ids": [["x", "y"], ["", "z"]], "member_labels": [[0, 1], [-1, 1]],
+                        "generated_text": ["All pairs are benign."] * 2})
+    run.to_parquet(tmp_path / "run.parquet")
+    assert main(["icl", "table", "--answers", str(tmp_path / "run.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "1 answer rows have a ground_truth other than 0/1 (first: image_id 08, 0-shot, pair #0, ground_truth -1)" in err
+    run.iloc[:1].to_parquet(tmp_path / "labeled.parquet")
+    assert main(["icl", "table", "--answers", str(tmp_path / "labeled.parquet")]) == 0

@@ -50,6 +50,14 @@ def shot_table(answers: pd.DataFrame, parsed: bool = False) -> dict:
         raise ValueError(f"answers table lacks columns {missing} (has {list(answers.columns)})")
     if answers.empty:
         raise ValueError("answers table has no rows: nothing to tabulate (did the run or the parse write any?)")
+    unlabeled = answers[~answers.ground_truth.isin([0, 1])]
+    if len(unlabeled):  # e.g. a replayed pair that mapped to no meme (-1): it would count as a wrong answer
+        first = unlabeled.iloc[0]
+        where = f"image_id {first['image_id']}, " if "image_id" in unlabeled else ""
+        pair = f", pair #{first['ans_num']}" if "ans_num" in unlabeled else ""
+        raise ValueError(f"{len(unlabeled)} answer rows have a ground_truth other than 0/1 (first: {where}"
+                         f"{first['few_shot_num']}-shot{pair}, ground_truth {first['ground_truth']}): pairs without a "
+                         "gold label (a replay's unmapped pairs, an unlabeled split) cannot be scored; drop them first")
     table = {f"{int(k)}_shot": answer_metrics(rows, parsed) for k, rows in answers.groupby("few_shot_num")}
     few = answers[answers.few_shot_num >= 1]
     if len(few):
