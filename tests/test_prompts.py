@@ -102,3 +102,17 @@ def test_budget_never_repeats_a_prompt():
     assert (every.requested_shots == every.few_shot_num).all()
     only_four = build_prompt_table(members, texts, descriptions, (4,), seed=0, budget=900, cost=len)
     assert (only_four.few_shot_num < 4).all() and len(only_four) == 12  # alone, a trimmed prompt is kept
+
+
+@pytest.mark.parametrize("options,named", [
+    ({"from_published": "answers.csv", "char_cap": 900}, "--char-cap"),
+    ({"from_published": "answers.csv", "layout": "published", "seed": 3}, "--layout published, --seed"),
+    ({"from_published": "answers.csv", "per_meme": True}, "--per-meme"),
+    ({"layout": "published", "budget": 400, "tokenizer": "tok"}, "--budget, --tokenizer"),
+    ({"char_cap": 900}, "--char-cap"),
+])
+def test_an_option_the_prompt_set_does_not_use_is_refused(options, named):
+    from memefx.icl.prompts import PromptInputError, build_prompts
+
+    with pytest.raises(PromptInputError, match=f"^{named}: not used by"):
+        build_prompts(captions="caps.parquet", **options)

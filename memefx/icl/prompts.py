@@ -188,7 +188,8 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
             token budget) or ``published`` (the published procedure: both kinds merged by anchor, seeded
             order, prompts over ``char_cap`` characters dropped).
         kind: the stratum kind of the memefx layout.
-        from_published: the published answer file: replay its prompts exactly (``layout`` is then ignored).
+        from_published: the published answer file: replay its prompts exactly (give no ``layout``, ``seed``,
+            ``char_cap``, ``budget`` or ``per_meme``: an option a way of making prompts does not use is an error).
         shots: shot counts k to build.
         seed: memefx layout default 0; published layout default 1987 (the published run's seed).
         char_cap: published layout: drop prompts longer than this many characters (default 2000).
@@ -203,6 +204,16 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
     from memefx.data.hmc import read_hmc
     from memefx.data.tables import read_captions, read_confounders
 
+    way = "--from-published" if from_published is not None else f"--layout {layout}"
+    unused = {"--from-published": {"--layout published": "x" if layout == "published" else None, "--seed": seed,
+                                   "--char-cap": char_cap, "--budget": budget, "--tokenizer": tokenizer,
+                                   "--per-meme": per_meme or None},
+              "--layout published": {"--budget": budget, "--tokenizer": tokenizer},
+              "--layout memefx": {"--char-cap": char_cap}}.get(way, {})
+    given = [flag for flag, value in unused.items() if value is not None]
+    if given:  # an option that would change nothing is refused, never silently ignored
+        raise PromptInputError(f"{', '.join(given)}: not used by {way} prompts (they would change nothing); "
+                               "leave out what does not apply")
     if captions is None:
         raise PromptInputError("--captions (the caption table with image descriptions) is required")
     caption_table = read_captions(captions)
