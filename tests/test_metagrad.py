@@ -374,3 +374,32 @@ def test_run_metagrad_refuses_a_table_without_outcomes_before_any_forward(tmp_pa
     with pytest.raises(ValueError, match=r"answers.csv: answers table lacks columns \['is_functional"):
         run_metagrad(path, str(tmp_path / "no-model-needed"), tmp_path / "mg")
     assert not (tmp_path / "mg").exists()
+
+
+def test_features_read_the_tokens_the_engine_answered_from_bos_first(tmp_path):
+    """The engine starts every prompt with the tokenizer's BOS; the meta-gradient forward must see the same
+    tokens, or a Llama's attention sink moves onto the first word and every mass changes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memefx.icl.engine import encode_prompt
+    from memefx.icl.metagrad_features import prompt_record
+
+    path = _tiny_llama(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.bos_token = "[CLS]"
+    prompt = pd.read_csv(shared_file("llm_answers.csv")).query("few_shot_num == 1").prompt.iloc[0]
+    engine_ids = encode_prompt(tok, prompt)
+    assert engine_ids[0] == tok.bos_token_id is not None
+    record = prompt_record(model, tok, prompt, features="ours")
+    assert record["tokens"] == len(engine_ids)
+    offsets = [(0, 0)] + [tuple(x) for x in tok(prompt, return_offsets_mapping=True,
+                                                 add_special_tokens=False)["offset_mapping"]]
+    labels = span_labels(len(offsets), target_spans(prompt, offsets))
+    assert labels[0] == OTHER
+    with torch.no_grad():
+        maps = model(input_ids=torch.tensor([engine_ids]), output_attentions=True).attentions
+    for layer, att in enumerate(maps):
+        mass = attention_mass(att[0].float(), labels)
+        for h in range(att.shape[1]):
+            assert record["ours"][f"L{layer}_H{h}_image_image"] == pytest.approx(float(mass["image_image"][h]), abs=1e-6)

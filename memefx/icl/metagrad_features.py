@@ -105,10 +105,18 @@ def _forms(features: FeatureForm) -> tuple[str, ...]:
 def prompt_record(model, tok, prompt: str, layers: list[int] | None = None,
                   features: FeatureForm = "both") -> dict:
     """One forward of ``prompt``: {"tokens": L, "ours": flat per-head features (when asked),
-    "published": {layer: {kind: per-token vector}} (when asked)}."""
+    "published": {layer: {kind: per-token vector}} (when asked)}.
+
+    The tokens are those the engine answered from (``memefx.icl.engine.encode_prompt``): the tokenizer's
+    BOS first when it has one (a Llama without it puts its attention sink on the first word), no other
+    special token; the BOS covers no character, so it lies in no span."""
     forms = _forms(features)
     enc = tok(prompt, return_offsets_mapping=True, add_special_tokens=False, return_tensors="pt")
     offsets = [tuple(x) for x in enc.pop("offset_mapping")[0].tolist()]
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is not None:
+        enc["input_ids"] = torch.cat([torch.tensor([[bos]], dtype=enc["input_ids"].dtype), enc["input_ids"]], 1)
+        offsets = [(0, 0), *offsets]
     labels = span_labels(len(offsets), target_spans(prompt, offsets))
     groups = demo_groups(prompt, offsets)
     layers = list(range(len(_attention_modules(model)))) if layers is None else layers
