@@ -403,3 +403,14 @@ def test_features_read_the_tokens_the_engine_answered_from_bos_first(tmp_path):
         mass = attention_mass(att[0].float(), labels)
         for h in range(att.shape[1]):
             assert record["ours"][f"L{layer}_H{h}_image_image"] == pytest.approx(float(mass["image_image"][h]), abs=1e-6)
+
+
+def test_features_table_names_the_row_of_a_prompt_it_cannot_read():
+    from memefx.icl.metagrad_features import features_table
+
+    rows = pd.DataFrame({"image_id": [7, 8], "few_shot_num": [0, 0],
+                         "prompt": [pair_prompt([Member("a", "b"), Member("c", "d")]), "User: hello\nSystem:"]})
+    with pytest.raises(ValueError, match=r"^image_id 8, 0-shot: not a pair-selection prompt"):
+        features_table(rows.iloc[1:], model=None, tok=None)
+    with pytest.raises(ValueError, match=r"^image_id 7, 0-shot: prompt is nan, not text"):
+        features_table(rows.iloc[:1].assign(prompt=float("nan")), model=None, tok=None)

@@ -180,7 +180,13 @@ def features_table(answers: pd.DataFrame, model, tok, layers: list[int] | None =
     zero_cache: dict[str, dict] = {}
     filled_total = 0
     for row in prompts.itertuples():
-        blocks = parse_prompt(row.prompt)
+        try:
+            blocks = parse_prompt(row.prompt) if isinstance(row.prompt, str) else None
+        except ValueError as err:
+            raise ValueError(f"image_id {row.image_id}, {row.few_shot_num}-shot: not a pair-selection prompt "
+                             f"({err}); meta-gradient features need the pair prompts of memefx icl prompts") from None
+        if blocks is None:
+            raise ValueError(f"image_id {row.image_id}, {row.few_shot_num}-shot: prompt is {row.prompt!r}, not text")
         if len(blocks) != int(row.few_shot_num) + 1:
             raise ValueError(f"image_id {row.image_id}: few_shot_num={row.few_shot_num} but the prompt holds "
                              f"{len(blocks) - 1} demonstrations; fix the table or regenerate its prompts")
