@@ -180,3 +180,20 @@ def test_table_refuses_pairs_without_a_gold_label(tmp_path, capsys):
     assert "1 answer rows have a ground_truth other than 0/1 (first: image_id 08, 0-shot, pair #0, ground_truth -1)" in err
     run.iloc[:1].to_parquet(tmp_path / "labeled.parquet")
     assert main(["icl", "table", "--answers", str(tmp_path / "labeled.parquet")]) == 0
+
+
+def test_prompts_cli_reports_prompts_dropped_by_the_character_cap(tiny_root, tmp_path, capsys):
+    conf, caps = tiny_root / "confounders.parquet", tiny_root / "hm_captions.parquet"
+    out = tmp_path / "published.parquet"
+    args = ["icl", "prompts", "--layout", "published", "--confounders", str(conf), "--captions", str(caps),
+            "--hmc", str(tiny_root), "--shots", "0,1,2", "--out", str(out)]
+    assert main([*args, "--char-cap", "100000"]) == 0
+    everything = pd.read_parquet(out)
+    capsys.readouterr()
+    cap = int(everything.prompt.str.len().median())
+    assert main([*args, "--char-cap", str(cap)]) == 0
+    kept = pd.read_parquet(out)
+    dropped = {k: int(((everything.few_shot_num == k) & (everything.prompt.str.len() > cap)).sum()) for k in (0, 1, 2)}
+    assert sum(dropped.values()) == len(everything) - len(kept) > 0
+    assert f"{sum(dropped.values())} prompts over the character cap dropped (per shot count: {dropped})" in \
+        capsys.readouterr().out

@@ -100,6 +100,7 @@ def test_budget_never_repeats_a_prompt():
     assert ((every.prompt.str.len() <= 900) | (every.few_shot_num == 0)).all()
     assert (every.groupby("group").few_shot_num.max() < 4).all()  # larger k would repeat a smaller k: dropped
     assert (every.requested_shots == every.few_shot_num).all()
+    assert len(every) + every.attrs["not_repeated"] == 12 * 5 and every.attrs["not_repeated"] > 0  # counted
     only_four = build_prompt_table(members, texts, descriptions, (4,), seed=0, budget=900, cost=len)
     assert (only_four.few_shot_num < 4).all() and len(only_four) == 12  # alone, a trimmed prompt is kept
 

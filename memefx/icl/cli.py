@@ -79,6 +79,14 @@ def prompts(out: str, **options) -> str:
     table = build_prompts(**options)
     _write(table, out)
     message = f"memefx icl prompts: {len(table)} prompts for {table.group.nunique()} groups -> {out}"
+    dropped = table.attrs.get("dropped")  # published procedure: prompts over the character cap, per shot count
+    if dropped is not None:
+        message += f"; {sum(dropped.values())} prompts over the character cap dropped (per shot count: {dropped})"
+    if "requested_shots" in table:  # memefx layout under a token budget
+        trimmed = int((table.requested_shots != table.few_shot_num).sum())
+        if trimmed or table.attrs.get("not_repeated"):
+            message += (f"; {trimmed} prompts hold fewer demonstrations than asked to fit the budget, "
+                        f"{table.attrs.get('not_repeated', 0)} left out as repeats of a smaller shot count")
     if "unmapped" in table:
         unmapped = sum(len(u) for u in table.unmapped if u is not None)
         message += f"; {int(table.rebuilt.sum())} rebuilt byte for byte, {unmapped} pairs not mapped to a meme"

@@ -137,7 +137,8 @@ def build_prompt_table(members: pd.DataFrame, texts: dict[str, str], description
     other strata of the same table, drawn per target by ``sample_demonstrations``; with a ``budget``,
     ``cost`` measures a rendered prompt (e.g. its token count) and the last demonstrations are dropped until
     it fits. A prompt that then equals one already made for the same target (its shot count was also
-    requested) is not repeated: each (group, few_shot_num) appears once.
+    requested) is not repeated: each (group, few_shot_num) appears once; ``table.attrs['not_repeated']``
+    counts those left out.
     """
     groups = {a: rows.sort_values("id") for a, rows in members.groupby("anchor")}
 
@@ -145,7 +146,7 @@ def build_prompt_table(members: pd.DataFrame, texts: dict[str, str], description
         rows = groups[anchor]
         return [Member(texts[i], descriptions[i], int(lab)) for i, lab in zip(rows.id, rows.label)]
 
-    out = []
+    out, repeats = [], 0
     for anchor in sorted(groups):
         target = as_members(anchor)
         made: set[int] = set()
@@ -156,14 +157,17 @@ def build_prompt_table(members: pd.DataFrame, texts: dict[str, str], description
                 demos = demos[:-1]
                 prompt = pair_prompt(target, [as_members(d) for d in demos])
             if len(demos) in made:
+                repeats += 1
                 continue
             made.add(len(demos))
             out.append({"group": anchor, "few_shot_num": len(demos), "requested_shots": int(k), "prompt": prompt,
                         "member_ids": groups[anchor].id.astype(str).tolist(),
                         "member_labels": [m.label for m in target], "demo_groups": list(demos),
                         "gold_answer": gold_answer(target)})
-    return pd.DataFrame(out, columns=["group", "few_shot_num", "requested_shots", "prompt", "member_ids",
-                                      "member_labels", "demo_groups", "gold_answer"])
+    table = pd.DataFrame(out, columns=["group", "few_shot_num", "requested_shots", "prompt", "member_ids",
+                                       "member_labels", "demo_groups", "gold_answer"])
+    table.attrs["not_repeated"] = repeats  # (group, shots) whose trimmed prompt equals one already made
+    return table
 
 
 Layout = Literal["memefx", "published"]
