@@ -214,11 +214,3 @@ def test_replayed_prompts_compare_with_the_published_answers_pair_by_pair(publis
     assert (both.ground_truth == both.ground_truth_published).all() and both.id.str.fullmatch(r"\d{5}").all()
     assert (both.parsed_is_hateful == (both.ans_num == 0)).all()
 
-
-def test_replay_errors_name_the_csv_line(tmp_path):
-    prompt = ("User: Out of image-caption pairs #0 to #0, select the most likely hateful or sarcastic pair, together "
-              "with potential label (hateful or sarcastic). If all pairs are benign, say 'All pairs are benign'.\n"
-              "#0: caption: 'a', image: 'b'\nSystem:")
-    answers = pd.DataFrame({"image_id": [3, 4], "few_shot_num": [0, 0], "prompt": [prompt, "User: hi\nSystem:"]})
-    with pytest.raises(UserError, match=r"^a.csv row 1, line 3 \(group 00004, 0-shot\): not a pair-selection prompt"):
-        replay_published(answers, {"1": "a"}, {"1": "b"}, {"1": 0}, source="a.csv")

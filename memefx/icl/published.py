@@ -219,8 +219,7 @@ def replay_published(answers: pd.DataFrame, texts: Mapping[str, str], descriptio
     out = []
     for row_number, row in zip(prompts.index, prompts.itertuples(index=False)):
         group, shots, prompt = _group_id(row.image_id), int(row.few_shot_num), row.prompt
-        line = f", line {row_number + 2}" if source.endswith(".csv") and isinstance(row_number, (int, np.integer)) else ""
-        where = f"{source} row {row_number}{line} (group {group}, {shots}-shot)"
+        where = f"{source} row {row_number} (group {group}, {shots}-shot)"  # data row from 0: prompts span lines
         if not isinstance(prompt, str):
             raise PromptInputError(f"{where}: prompt is {prompt!r}, not text")
         try:
