@@ -122,7 +122,8 @@ def plot_midas_curves(tables: dict[tuple[str, int, bool], Path], out: Path, scor
         parts.append(block_summary(pd.read_parquet(path, filters=[("score", "==", score)])).assign(ckpt=ckpt))
     summary = pd.concat(parts)
     stages = [s for s in ("train", "val", "test") if s in set(summary.stage)]
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.8), squeeze=False)
+    # one epoch axis for all panels: a lone checkpoint point sits where its epoch is on the curves
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.8), squeeze=False, sharex=True)
     for ax, stage in zip(axes[0], stages):
         rows = summary[summary.stage == stage]
         for i, (block, part) in enumerate(rows.groupby("block")):
