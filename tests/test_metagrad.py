@@ -414,3 +414,17 @@ def test_features_table_names_the_row_of_a_prompt_it_cannot_read():
         features_table(rows.iloc[1:], model=None, tok=None)
     with pytest.raises(ValueError, match=r"^image_id 7, 0-shot: prompt is nan, not text"):
         features_table(rows.iloc[:1].assign(prompt=float("nan")), model=None, tok=None)
+
+
+def test_report_says_how_many_resamples_gave_the_interval():
+    from memefx.icl.metagrad_analysis import analyse
+    from memefx.icl.metagrad_report import report_markdown
+
+    features, answers = _feature_table("shot", n_groups=12, per=1)
+    result = analyse(features, answers, n_bootstrap=10, n_repeats=1, outcome_names=("is_formatted",))
+    entry = result["outcomes"]["is_formatted"]["sets"]["ours"]
+    report = report_markdown(result)
+    valid = entry["bootstrap_valid"]
+    assert (f"({valid} of 10 resamples)" in report) == (valid < 10)
+    entry["gain"], entry["bootstrap_valid"] = float("nan"), 3
+    assert "| n/a [" in report_markdown(result) and "(3 of 10 resamples)" in report_markdown(result)

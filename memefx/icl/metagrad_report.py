@@ -75,6 +75,15 @@ def _f(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
+def _gain(r: dict, n_bootstrap: int) -> str:
+    """Gain and interval; how many resamples gave one when some did not (a resample with one class)."""
+    gain = r["gain"]
+    text = "n/a" if gain is None or math.isnan(gain) else f"{gain:+.3f}"
+    valid = r.get("bootstrap_valid", n_bootstrap)
+    note = f" ({valid} of {n_bootstrap} resamples)" if valid < n_bootstrap else ""
+    return f"{text} [{_f(r['ci_low'])}, {_f(r['ci_high'])}]{note}"
+
+
 def report_markdown(result: dict, plot: str | None = None) -> str:
     """``report.md``: layout baseline, layout + features and the gain first; then per shot; then importance."""
     shots = ", ".join(f"{k}-shot: {n}" for k, n in result["shots"].items())
@@ -110,7 +119,7 @@ def report_markdown(result: dict, plot: str | None = None) -> str:
         for name, r in entry["sets"].items():
             alone = r["alone_raw"]
             lines.append(f"| {outcome} | {name} | {_f(entry['baseline']['auc'])} | {_f(r['auc_features'])} | "
-                         f"{r['gain']:+.3f} [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | {_f(r['p_gain_le_0'])} | "
+                         f"{_gain(r, result['n_bootstrap'])} | {_f(r['p_gain_le_0'])} | "
                          f"{_f(alone['grouped'])} / {_f(alone['row_split_leaky'])} |")
     lines += [""] + notes + ([""] if notes else [])
     lines += ["## Within each shot count", "",
@@ -127,7 +136,7 @@ def report_markdown(result: dict, plot: str | None = None) -> str:
                         skipped.append(f"{outcome} at {k} shots ({w['rows']} rows): {w['note']}")
                     continue
                 lines.append(f"| {outcome} | {name} | {k} | {w['rows']} ({w['positive']}) | {_f(w['auc_baseline'])} | "
-                             f"{_f(w['auc_features'])} | {w['gain']:+.3f} [{_f(w['ci_low'])}, {_f(w['ci_high'])}] |")
+                             f"{_f(w['auc_features'])} | {_gain(w, result['n_bootstrap'])} |")
     if skipped:
         lines += ["", "No within-shot AUC:"] + [f"- {s}" for s in skipped]
     lines += ["", "## What the features add after the baseline", "",
