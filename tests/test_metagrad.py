@@ -363,6 +363,9 @@ def test_parsed_verdicts_stand_in_for_missing_hand_labels():
     pd.testing.assert_frame_equal(outcomes(both), outcomes(answers))
     with pytest.raises(ValueError, match=r"lacks columns \['is_formatted \(or parsed_is_formatted\)'\]"):
         outcomes(answers.drop(columns="is_formatted"))
+    unmapped = answers.assign(ground_truth=[-1] + answers.ground_truth.tolist()[1:])
+    with pytest.raises(ValueError, match=r"1 answer rows have a ground_truth other than 0/1 \(first: image_id g0, 0-shot"):
+        outcomes(unmapped)
 
 
 def test_run_metagrad_refuses_a_table_without_outcomes_before_any_forward(tmp_path):

@@ -57,6 +57,12 @@ def outcomes(answers: pd.DataFrame) -> pd.DataFrame:
     """is_functional, is_formatted and correct (the hateful verdict equals the gold label) per answer row,
     from hand labels or, where absent, parsed verdicts (``outcome_columns``)."""
     source = outcome_columns(answers)
+    unlabeled = answers[~answers.ground_truth.isin([0, 1])]
+    if len(unlabeled):  # "correct" needs a gold label (a replay's unmapped pair has -1)
+        first = unlabeled.iloc[0]
+        raise ValueError(f"{len(unlabeled)} answer rows have a ground_truth other than 0/1 (first: image_id "
+                         f"{first['image_id']}, {first['few_shot_num']}-shot, ground_truth {first['ground_truth']}): "
+                         "drop pairs without a gold label first")
     out = answers[["image_id", "few_shot_num"]].copy()
     for column in ("is_functional", "is_formatted"):
         out[column] = answers[source[column]].astype(int)
