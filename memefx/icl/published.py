@@ -12,7 +12,9 @@ per prompt (column ``unmapped``), never guessed.
   by their anchor id; a group is a *target* when it holds both labels;
 - a member line that occurs more than once (the same meme listed by both kinds, or in two groups) is kept
   once: where it stands earliest in its group (shared-image members first, hateful first, then by id),
-  ties going to the smaller anchor. On dev_seen this keeps exactly the members of the 97 published groups;
+  ties going to the smaller anchor. On dev_seen this finds 97 target groups, as the published run did, and
+  the published pairs in each of the 65 groups the published answer file shows (this rule was read off those
+  groups: the other 32 have no published prompt to check it against);
 - member order: one seeded permutation of the member table (the published run used seed 1987);
   demonstration order for the i-th target (sorted by anchor): a draw seeded with ``seed + i`` ranking every
   other target group; the k-shot prompt holds the first k demonstrations with their gold answers;
