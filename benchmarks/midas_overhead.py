@@ -269,7 +269,7 @@ def run_length(length: int, args, rss) -> None:
 
     def ratios(a: str, b: str, key=None) -> list[float]:
         get = (lambda blk: _epoch(blk, bs)) if key is None else (lambda blk: blk[key])
-        return [get(x) / get(y) for x, y in zip(results[a], results[b])]
+        return [get(x) / get(y) if get(y) > 0 else float("nan") for x, y in zip(results[a], results[b])]
 
     plain = results["plain"]
     print(f"length={length} shape={args.shape} batch={bs} train_steps={args.train_steps} val_steps={args.val_steps} "
@@ -283,6 +283,10 @@ def run_length(length: int, args, rss) -> None:
     mem = ratios("midas", "plain", "memory")
     if all(np.isfinite(mem)):
         print(f"peak_memory_ratio={_stats(mem)}  (eager: {np.median(ratios('eager', 'plain', 'memory')):.3f})")
+    else:  # CPU: a step that grew no resident memory gives no ratio
+        print(f"peak_memory_ratio=nan  (resident-set growth per step, MiB: plain "
+              f"{np.median([b['memory'] for b in plain]) / 2**20:.1f}, midas "
+              f"{np.median([b['memory'] for b in results['midas']]) / 2**20:.1f})")
     if "n10" in results:
         print(f"midas_n10_ratio={_stats(ratios('n10', 'plain'))}")
     print(f"midas_overhead_ratio={_stats(ratios('midas', 'plain'))}  (length {length})")
