@@ -44,6 +44,18 @@ def _load(path: Path, kind: str) -> dict:
     return yaml.safe_load(path.read_text()) if kind == "yaml" else read_json(path)
 
 
+def _relative_to_run(obj, run: Path):
+    """The run's own folder written as ``<RUN>`` (logger and checkpoint paths differ by it alone)."""
+    if isinstance(obj, dict):
+        return {k: _relative_to_run(v, run) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative_to_run(v, run) for v in obj]
+    if isinstance(obj, str):
+        for form in {str(run), str(run.resolve())}:
+            obj = obj.replace(form, "<RUN>")
+    return obj
+
+
 def _missing(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
@@ -69,7 +81,9 @@ def _only_in_one(a: Path, b: Path, rel: Path) -> str | None:
 def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6) -> tuple[list[str], list[str]]:
     """Return (informational differences, result differences beyond ``atol``)."""
     a, b = Path(run_a), Path(run_b)
-    info = [f"config {d}" for d in _diff(_load(a / "config.yaml", "yaml"), _load(b / "config.yaml", "yaml"))]
+    config_a = _relative_to_run(_load(a / "config.yaml", "yaml"), a)
+    config_b = _relative_to_run(_load(b / "config.yaml", "yaml"), b)
+    info = [f"config {d}" for d in _diff(config_a, config_b)]
     pa, pb = _load(a / "provenance.json", "json"), _load(b / "provenance.json", "json")
     info += [f"provenance {d}" for d in _diff({k: v for k, v in pa.items() if k != "config"},
                                                {k: v for k, v in pb.items() if k != "config"})]
