@@ -12,7 +12,6 @@ A fit refuses a folder that already holds a run unless it resumes that run (a ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -26,20 +25,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from memefx.errors import UserError, read_json
+from memefx.provenance import file_digest as sha256
 
 # what a run leaves (loggers version their own subfolders of logs/ and wandb/, so those never mix)
 ARTIFACTS = ("config.yaml", "provenance.json", "metrics.json", "predictions", "miate", "midas", "checkpoints",
              "report")
 REPORTED = ("auroc", "acc", "loss", "miate_shared_image", "miate_shared_text")
 MANIFEST = "manifest.json"
-
-
-def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find(trainer: L.Trainer) -> RunDirectory | None:

@@ -27,8 +27,6 @@ from memefx.errors import UserError
 from memefx.models.backbones import BACKBONES, BackboneOutput, build_backbone
 from memefx.schema import KINDS
 
-STAGES = ("val", "test")
-
 
 def coerce_backbone_args(name: str, args: dict | None) -> dict:
     """Convert string values (a command-line ``--model.backbone_args.X 64``) to the adapter's annotated
