@@ -175,7 +175,7 @@ Layout = Literal["memefx", "published"]
 
 def build_prompts(confounders: str | Path | None = None, captions: str | Path | None = None,
                   hmc: str | Path | None = None, split: str = "dev_seen", layout: Layout = "memefx",
-                  kind: Literal["shared_image", "shared_text"] = "shared_image", from_published: str | Path | None = None,
+                  kind: Literal["shared_image", "shared_text"] | None = None, from_published: str | Path | None = None,
                   shots: Sequence[int] = (0, 1, 2, 3, 4), seed: int | None = None, char_cap: int | None = None,
                   budget: int | None = None, tokenizer: str | None = None, per_meme: bool = False,
                   text_column: str = "text", description_column: str = "text_captioned") -> pd.DataFrame:
@@ -191,7 +191,8 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
         layout: ``memefx`` (one kind of stratum, members sorted by id, seeded per-target sampler, optional
             token budget) or ``published`` (the published procedure: both kinds merged by anchor, seeded
             order, prompts over ``char_cap`` characters dropped).
-        kind: the stratum kind of the memefx layout.
+        kind: the stratum kind of the memefx layout (default ``shared_image``); the other ways of making
+            prompts take both kinds, so giving it there is an error.
         from_published: the published answer file: replay its prompts exactly (give no ``layout``, ``seed``,
             ``char_cap``, ``budget`` or ``per_meme``: an option a way of making prompts does not use is an error).
         shots: shot counts k to build.
@@ -211,9 +212,11 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
     way = "--from-published" if from_published is not None else f"--layout {layout}"
     unused = {"--from-published": {"--layout published": "x" if layout == "published" else None, "--seed": seed,
                                    "--char-cap": char_cap, "--budget": budget, "--tokenizer": tokenizer,
-                                   "--per-meme": per_meme or None},
-              "--layout published": {"--budget": budget, "--tokenizer": tokenizer},
+                                   "--per-meme": per_meme or None, "--kind": kind},
+              "--layout published": {"--budget": budget, "--tokenizer": tokenizer, "--kind": kind},
               "--layout memefx": {"--char-cap": char_cap}}.get(way, {})
+    if per_meme and way == "--layout memefx":
+        unused["--kind"] = kind  # per-meme prompts cover both kinds
     given = [flag for flag, value in unused.items() if value is not None]
     if given:  # an option that would change nothing is refused, never silently ignored
         raise PromptInputError(f"{', '.join(given)}: not used by {way} prompts (they would change nothing); "
@@ -260,6 +263,7 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
     from memefx.data.strata import strata_members
 
     members = strata_members(conf)
+    kind = kind or "shared_image"
     # per-meme prompts cover every stratum member of the split, both kinds, as memefx miate reads predictions
     members = members[(members.split == split) & ((members.kind == kind) | per_meme)]
     if members.empty:
