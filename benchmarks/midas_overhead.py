@@ -530,10 +530,8 @@ class _Spans(Callback):
 
 def profile(args) -> None:
     """torch.profiler breakdown of one captured training step against one uncaptured (SDPA) step."""
-    shape, length = SHAPES[args.shape], max(args.lengths)
-    torch.manual_seed(0)
-    model = MemeClassifier(backbone="caption_pair", lr=1e-5, miate_bootstrap=10, scheduler="constant",
-                           backbone_args={**shape, "vocab_size": VOCAB, "max_position": max(512, length)})
+    length = max(args.lengths)
+    model = build_models(["off"], SHAPES[args.shape], length)["off"]
     train = make_batches(3, args.batch_size, length, seed=1)
     for config in ("off", "midas"):
         spans = _Spans(at=2)

@@ -113,7 +113,8 @@ def test_budget_never_repeats_a_prompt():
     ({"char_cap": 900}, "--char-cap"),
     ({"from_published": "answers.csv", "kind": "shared_text"}, "--kind"),  # these take both kinds
     ({"layout": "published", "kind": "shared_image"}, "--kind"),
-    ({"per_meme": True, "kind": "shared_text"}, "--kind"),
+    ({"per_meme": True, "kind": "shared_text", "seed": 3}, "--kind, --seed"),
+    ({"per_meme": True, "budget": 400, "tokenizer": "tok"}, "--budget, --tokenizer"),
 ])
 def test_an_option_the_prompt_set_does_not_use_is_refused(options, named):
     from memefx.icl.prompts import PromptInputError, build_prompts

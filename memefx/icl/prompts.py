@@ -210,13 +210,15 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
     from memefx.data.tables import read_captions, read_confounders
 
     way = "--from-published" if from_published is not None else f"--layout {layout}"
+    if per_meme and way == "--layout memefx":
+        way = "--per-meme"  # one prompt per meme: no demonstrations, both stratum kinds
     unused = {"--from-published": {"--layout published": "x" if layout == "published" else None, "--seed": seed,
                                    "--char-cap": char_cap, "--budget": budget, "--tokenizer": tokenizer,
                                    "--per-meme": per_meme or None, "--kind": kind},
               "--layout published": {"--budget": budget, "--tokenizer": tokenizer, "--kind": kind},
-              "--layout memefx": {"--char-cap": char_cap}}.get(way, {})
-    if per_meme and way == "--layout memefx":
-        unused["--kind"] = kind  # per-meme prompts cover both kinds
+              "--layout memefx": {"--char-cap": char_cap},
+              "--per-meme": {"--char-cap": char_cap, "--budget": budget, "--tokenizer": tokenizer, "--kind": kind,
+                             "--seed": seed}}.get(way, {})
     given = [flag for flag, value in unused.items() if value is not None]
     if given:  # an option that would change nothing is refused, never silently ignored
         raise PromptInputError(f"{', '.join(given)}: not used by {way} prompts (they would change nothing); "
