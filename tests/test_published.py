@@ -1,17 +1,22 @@
-"""The published prompt set: replay of the shared prompts byte for byte, and the published procedure."""
+"""The published prompt set: the authors' procedure byte for byte (numpy 1.23's quicksort included), and the
+replay of the shared prompts."""
 
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from memefx.icl import npsort
+from memefx.icl.npsort import argsort_numpy123
 from memefx.icl.parse import pairs_in_prompt
 from memefx.icl.prompts import PromptInputError as UserError
 from memefx.icl.prompts import build_prompts, parse_prompt
 from memefx.icl.published import (
-    demonstration_order,
+    TARGET_RANK,
+    group_ranks,
     published_groups,
     published_prompt_table,
     replay_published,
@@ -96,21 +101,39 @@ def test_replay_never_guesses_between_identical_memes():
         replay_published(answers.assign(prompt="User: hello\nSystem:"), texts, descriptions, labels)
 
 
-def test_procedure_finds_the_published_targets_and_zero_shot_pairs(procedure, published):
+def test_procedure_rebuilds_every_published_prompt_with_seed_1987(procedure, published):
     assert procedure.group.nunique() == 97  # the published run's dev_seen target groups
+    assert procedure.groupby("few_shot_num").size().tolist() == [97, 97, 97, 73, 7]  # the published counts
+    assert procedure.attrs["dropped"] == {0: 0, 1: 0, 2: 0, 3: 24, 4: 90}  # over 2,000 characters
+    ours = procedure.set_index(["group", "few_shot_num"])
+    shared = published.drop_duplicates(["image_id", "few_shot_num"])
+    assert len(shared) == 247
+    for group, shots, prompt in zip(shared.image_id, shared.few_shot_num, shared.prompt):
+        assert ours.loc[(f"{group:05d}", shots), "prompt"] == prompt, (group, shots)  # byte for byte
+    for group, shots, pair, truth in zip(published.image_id, published.few_shot_num, published.ans_num,
+                                         published.ground_truth):
+        assert ours.loc[(f"{group:05d}", shots), "member_labels"][pair] == truth  # same memes, same order
     zero = procedure[procedure.few_shot_num == 0].set_index("group")
-    assert len(zero) == 97
-    shared = published[published.few_shot_num == 0].drop_duplicates("image_id")
-    assert len(shared) == 65
-    for group, prompt in zip(shared.image_id, shared.prompt):
-        ours = zero.loc[f"{group:05d}", "prompt"]
-        assert ours.split("\n", 1)[0] == prompt.split("\n", 1)[0]  # instruction with the pair count
-        assert _pairs(ours) == _pairs(prompt)  # equal up to the order of pairs
     for row in zero.itertuples():
         assert len(row.member_ids) == pairs_in_prompt(row.prompt) == len(set(row.member_ids))
     # a target keeps both labels unless a member's line duplicates a kept one (published: dropped, as here)
     one_label = zero[zero.member_labels.map(lambda x: len(set(x)) < 2)]
     assert one_label.index.tolist() == ["43810"]  # its benign member 56124 has the hateful anchor's exact line
+
+
+def test_procedure_equals_the_authors_script_on_dev_seen_seed_7():
+    """The authors' script, unmodified, under numpy 1.23.5 / pandas 1.5.3: every prompt, and the cap's set."""
+    oracle = pd.read_csv(shared_file("authors_prompts_dev_seen_seed7.csv"), dtype={"group": str})
+    oracle["group"] = oracle.group.str.zfill(5)
+    ours = _build(layout="published", seed=7, char_cap=10**9)  # no cap
+    both = oracle.merge(ours, on=["group", "few_shot_num"], how="outer", suffixes=("_authors", ""), indicator=True)
+    assert len(oracle) == 485 and (both._merge == "both").all()
+    assert (both.prompt == both.prompt_authors).sum() == 485
+    assert (both.group_dir == both.group_dir_authors).all()
+    capped = _build(layout="published", seed=7)  # the 2,000-character cap
+    kept = oracle[oracle.prompt.str.len() <= 2000]
+    assert set(zip(capped.group, capped.few_shot_num)) == set(zip(kept.group, kept.few_shot_num))
+    assert len(capped) < len(oracle)
 
 
 def test_procedure_k_shot_extends_k_minus_one_by_one_demonstration(procedure):
@@ -145,30 +168,91 @@ def test_char_cap_drops_prompts_and_never_trims(procedure):
     assert set(tight.set_index(key).index) == set(full[full.str.len() <= 900].index)
 
 
-def test_procedure_seeds_and_rules_on_a_hand_built_split():
-    # group A: anchor A (hateful) with B and C sharing its picture; B also anchors its own shared-text group
-    # with D. B is ranked before its place in A inside its own group, so its line is listed there only.
-    conf = pd.DataFrame({"id": ["0000A", "0000B", "0000C", "0000D"], "split": "dev_seen",
-                         "label": [1, 1, 0, 0], "img_org_id": ["0000A", "0000A", "0000A", None],
-                         "txt_org_id": [None, "0000B", None, "0000B"]})
-    texts = {i: f"text {i} with a caption" for i in conf.id}
-    descriptions = {i: f"image of {i}" for i in conf.id}
-    groups = published_groups(conf, "dev_seen", texts, descriptions, seed=0)
-    assert sorted(groups) == ["0000A", "0000B"]
-    assert sorted(groups["0000A"].id) == ["0000A", "0000C"] and sorted(groups["0000B"].id) == ["0000B", "0000D"]
-    assert groups["0000A"].line[0].startswith("caption: 'text") and "picture of" in groups["0000A"].line[0]
-    table = published_prompt_table(conf, "dev_seen", texts, descriptions, shots=(0, 1), seed=0, char_cap=None)
-    assert len(table) == 4 and table.groupby("group").demo_groups.apply(lambda s: s.iloc[1]).tolist() == [
-        ["0000B"], ["0000A"]]
-    one = table[(table.group == "0000A") & (table.few_shot_num == 1)].prompt.iloc[0]
-    where = groups["0000B"].id.tolist().index("0000B")
-    assert parse_prompt(one)[0].answer == (f"The most likely hateful or sarcastic pair is #{where}, with the potential "
-                                           "label 'hateful'.")
-    assert demonstration_order(list("abcdef"), 2, 5) == demonstration_order(list("abcdef"), 2, 5)
-    orders = {tuple(demonstration_order(list("abcdefgh"), 0, s)) for s in range(10)}
-    assert len(orders) > 5 and all("a" not in o and len(o) == 7 for o in orders)
-    with pytest.raises(UserError, match="2-shot prompts need 2 other target groups, only 1 exist"):
-        published_prompt_table(conf, "dev_seen", texts, descriptions, shots=(0, 2))
+def test_numpy123_quicksort_known_answers(monkeypatch):
+    assert argsort_numpy123([]).tolist() == [] and argsort_numpy123([5]).tolist() == [0]
+    # up to 16 items numpy 1.23 uses insertion sort only: equal keys keep their order
+    assert argsort_numpy123([2, 1, 2, 1, 0]).tolist() == [4, 1, 3, 0, 2]
+    # 17 items: one partition. Median of 3 (places 0, 8, 16: all 1) is pivot 1, moved to place 15; the scans
+    # swap places 2/14, 4/13, 6/12, 10/11, stop at 11 and put the pivot there; the left part 0..10 holds the
+    # items [0, 1, 14, 3, 13, 5, 12, 7, 15, 9, 11] and is insertion-sorted (the 0s: 1, 3, 13, 5, 7, 15, 9,
+    # 11), the pivot and the right part, [8, 6, 4, 2, 10, 16], are all 1s and stay.
+    alternating = [1, 0] * 8 + [1]
+    assert argsort_numpy123(alternating).tolist() == [1, 3, 13, 5, 7, 15, 9, 11, 0, 14, 12, 8, 6, 4, 2, 10, 16]
+    # numpy 1.23.5's own output (recorded) on 40 keys with many ties
+    assert argsort_numpy123([i * 7 % 3 for i in range(40)]).tolist() == [
+        0, 36, 33, 30, 27, 24, 21, 18, 15, 12, 39, 9, 3, 6, 25, 37, 1, 34, 31, 28, 4, 10, 19, 16, 13, 7, 22, 14, 35,
+        8, 2, 32, 23, 29, 38, 26, 20, 5, 17, 11]
+    # the heapsort fallback, by hand: heap [0, 1, 2] over keys [1, 1, 0] pops 0 then 1: the tie is reversed
+    items = [0, 1, 2]
+    npsort._aheapsort([1, 1, 0], items, 0, 3)
+    assert items == [2, 1, 0]
+    # without ties every correct sort agrees: today's numpy, on shuffled keys and on a median-of-3 killer
+    # sequence (Musser) that exhausts the depth limit and runs the heapsort fallback
+    keys = np.random.default_rng(0).permutation(1000)
+    assert (argsort_numpy123(keys) == np.argsort(keys, kind="stable")).all()
+    killer = [0] * 1000
+    for i in range(1, 501):
+        if i % 2:
+            killer[i - 1], killer[i] = i, 500 + i
+        killer[499 + i] = 2 * i
+    heaps = []
+    monkeypatch.setattr(npsort, "_aheapsort", lambda *a: heaps.append(a[3]) or _HEAPSORT(*a))
+    assert (argsort_numpy123(killer) == np.argsort(killer, kind="stable")).all() and heaps
+
+
+_HEAPSORT = npsort._aheapsort
+_HEADER = ("User: Out of image-caption pairs #0 to #{}, select the most likely hateful or sarcastic pair, together "
+           "with potential label (hateful or sarcastic). If all pairs are benign, say 'All pairs are benign'.\n")
+
+
+def _hand_split() -> tuple[pd.DataFrame, dict, dict]:
+    """Three target groups and one all-benign group. 00005 has 00003's exact line, so one of them is listed
+    once; meme 00002 is listed twice in the table (a duplicate row); 00004 is in two groups; 00001's text holds
+    a '#'. The caption table lists the memes in its own order (that of ``descriptions``)."""
+    conf = pd.DataFrame({
+        "id": ["00001", "00002", "00003", "00004", "00005", "00006", "00007", "00008", "00002"], "split": "dev_seen",
+        "label": [1, 0, 1, 0, 1, 0, 0, 0, 0],
+        "img_org_id": ["00001", "00001", "00003", "00003", None, None, "00007", "00007", "00001"],
+        "txt_org_id": [None, None, None, "00006", "00006", "00006", None, None, None]})
+    texts = {"00001": "we're #1 at this", "00002": "a caption of love", "00003": "same words", "00004": "other words",
+             "00005": "same words", "00006": "third words", "00007": "benign a", "00008": "benign b"}
+    descriptions = {"00006": "a child", "00002": "a cat", "00008": "a car", "00001": "an image of a dog",
+                    "00004": "a woman", "00003": "a man", "00005": "a man", "00007": "a tree", "00009": "unused"}
+    return conf, texts, descriptions
+
+
+def test_procedure_on_a_hand_built_split_equals_the_authors_script():
+    # expected values: the authors' script, unmodified, under numpy 1.23.5 / pandas 1.5.3, seed 0
+    conf, texts, descriptions = _hand_split()
+    members = published_groups(conf, "dev_seen", texts, descriptions, seed=0)
+    assert members.targets == ["00001", "00003", "00006"]  # 00007 is all benign
+    assert list(zip(members.rows.group, members.rows.id)) == [  # shuffled; 00003's line was kept in 00006 first
+        ("00006", "00005"), ("00001", "00001"), ("00006", "00006"), ("00003", "00004"), ("00001", "00002")]
+    table = published_prompt_table(conf, "dev_seen", texts, descriptions, shots=(0, 1, 2), seed=0, char_cap=None)
+    rows = table[table.few_shot_num == 2].set_index("group")
+    assert rows.group_dir.tolist() == ["00001_0_pos_max_1", "00003__pos_max_0", "00006_0_pos_max_1"]
+    assert rows.member_ids.tolist() == [["00001", "00002"], ["00004"], ["00005", "00006"]]
+    assert rows.demo_groups.tolist() == [["00003", "00006"], ["00001", "00006"], ["00003", "00001"]]
+    dog = ("#0: caption: 'we're #1 at this', image: 'an picture of a dog'\n"
+           "#1: caption: 'a text of love', image: 'a cat'")
+    woman = "#0: caption: 'other words', image: 'a woman'"
+    man = "#0: caption: 'same words', image: 'a man'\n#1: caption: 'third words', image: 'a child'"
+    answer = ("\nSystem:\n\nThe most likely hateful or sarcastic pair is {}, with the potential label "
+              "'hateful'.\n\nUser:\n")
+    # the header counts every '#' of the zero-shot prompt (#0 to #2 for two pairs); 00003's block lost its
+    # hateful member to 00006, so its answer names none
+    assert rows.prompt["00001"] == (_HEADER.format(2) + woman + answer.format("") + man + answer.format("#0") + dog
+                                    + "\nSystem:")
+    assert rows.prompt["00003"] == (_HEADER.format(0) + dog + answer.format("#0") + man + answer.format("#0") + woman
+                                    + "\nSystem:")
+    assert table.set_index(["group", "few_shot_num"]).prompt[("00006", 0)] == _HEADER.format(1) + man + "\nSystem:"
+    ranks = group_ranks(["00006", "00001", "00003"], "00001", 0, seed=0)
+    drawn = [ranks["00006"], ranks["00003"]]  # distinct draws from 0..3; the target sorts last
+    assert ranks["00001"] == TARGET_RANK and len(set(drawn)) == 2 and all(0 <= r <= 3 for r in drawn)
+    with pytest.raises(UserError, match="3-shot prompts need 3 other target groups, only 2 exist"):
+        published_prompt_table(conf, "dev_seen", texts, descriptions, shots=(0, 3))
+    with pytest.raises(UserError, match=r"1 confounder-group members are not in the caption table \(ids 00008\)"):
+        published_groups(conf, "dev_seen", texts, {k: v for k, v in descriptions.items() if k != "00008"})
 
 
 def test_missing_or_nan_descriptions_are_an_error_naming_ids(tmp_path):

@@ -183,20 +183,24 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
 
     Args:
         confounders: confounder table (``confounders.parquet``); needed except for a replay, where it only
-            separates memes that share text and description.
-        captions: caption table (``hm_captions.parquet``) giving each image's description.
-        hmc: HMC folder; its ``<split>.jsonl`` gives each meme's overlaid text and label. Without it (memefx
-            layout only) the caption table's ``text_column`` stands in for the meme text.
+            separates memes that share text and description. The published layout and the replay read every
+            row, exact duplicates included, as the authors' script did.
+        captions: caption table (``hm_captions.parquet``) giving each image's description; the published
+            layout also follows its row order, as the authors' script did.
+        hmc: HMC folder; its ``<split>.jsonl`` gives each meme's overlaid text and label (the published
+            layout takes labels from the confounder table, as the authors did). Without it (memefx layout
+            only) the caption table's ``text_column`` stands in for the meme text.
         split: the split whose memes are prompted.
         layout: ``memefx`` (one kind of stratum, members sorted by id, seeded per-target sampler, optional
-            token budget) or ``published`` (the published procedure: both kinds merged by anchor, seeded
-            order, prompts over ``char_cap`` characters dropped).
+            token budget) or ``published`` (the authors' procedure, byte for byte on any split and seed: both
+            kinds merged by anchor, their seeded shuffle and draw, prompts over ``char_cap`` characters dropped).
         kind: the stratum kind of the memefx layout (default ``shared_image``); the other ways of making
             prompts take both kinds, so giving it there is an error.
         from_published: the published answer file: replay its prompts exactly (give no ``layout``, ``seed``,
             ``char_cap``, ``budget`` or ``per_meme``: an option a way of making prompts does not use is an error).
         shots: shot counts k to build.
-        seed: memefx layout default 0; published layout default 1987 (the published run's seed).
+        seed: memefx layout default 0; published layout default 1987 (the published run's seed: it rebuilds
+            every published prompt).
         char_cap: published layout: drop prompts longer than this many characters (default 2000).
         budget: memefx layout: token budget per prompt (needs ``tokenizer``); demonstrations are dropped to fit.
         tokenizer: local tokenizer folder measuring ``budget``.
@@ -204,7 +208,8 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
         text_column, description_column: caption-table columns (meme-text stand-in, description).
 
     Every table has ``group, few_shot_num, prompt, member_ids, member_labels`` (per-meme: ``id, group,
-    label, prompt``); a replay adds ``rebuilt`` and ``unmapped`` (pairs that could not be mapped, listed).
+    label, prompt``); the published layout adds ``group_dir`` (the authors' folder name of the target);
+    a replay adds ``rebuilt`` and ``unmapped`` (pairs that could not be mapped, listed).
     """
     from memefx.data.hmc import read_hmc
     from memefx.data.tables import read_captions, read_confounders
@@ -232,11 +237,15 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
     memes = None
     if hmc is not None:
         memes = read_hmc(hmc, [split], images=False)[split]
-    if from_published is not None or layout == "published":
-        if memes is None:
-            raise PromptInputError("the published prompts use the memes' own text: give --hmc DIR "
-                            f"(the HMC folder with {split}.jsonl)")
-    conf = read_confounders(confounders) if confounders is not None else None
+    authors = from_published is not None or layout == "published"  # the authors' prompts, exactly
+    if authors and memes is None:
+        raise PromptInputError("the published prompts use the memes' own text: give --hmc DIR "
+                               f"(the HMC folder with {split}.jsonl)")
+    conf = None
+    if confounders is not None:  # the authors' procedure shuffles every row of the table, duplicates included
+        from memefx.icl.published import read_confounder_rows
+
+        conf = read_confounder_rows(confounders) if authors else read_confounders(confounders)
     texts = dict(zip(memes.id, memes.text)) if memes is not None else \
         dict(zip(caption_table.image_id, caption_table[text_column]))
     labels = dict(zip(memes.id, memes.label.astype(int))) if memes is not None else None
@@ -256,7 +265,7 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
 
         if per_meme:
             raise PromptInputError("--per-meme prompts have one layout; leave out --layout published")
-        return published_prompt_table(conf, split, texts, descriptions, labels, tuple(int(k) for k in shots),
+        return published_prompt_table(conf, split, texts, descriptions, tuple(int(k) for k in shots),
                                       PUBLISHED_SEED if seed is None else seed,
                                       PUBLISHED_CHAR_CAP if char_cap is None else char_cap)
     if layout != "memefx":
