@@ -36,7 +36,8 @@ def test_visualbert_contract(batch):
 
 
 def test_unknown_backbone_lists_known():
-    with pytest.raises(ValueError, match=r"unknown backbone 'nope'; known: \['caption_pair', 'oscar', 'uniter', 'visualbert'\]"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'nope'; known: \['caption_pair', 'oscar', 'uniter', 'vilio_oscar', "
+                       r"'vilio_uniter', 'vilio_visualbert', 'visualbert'\]"):
         build_backbone("nope")
 
 

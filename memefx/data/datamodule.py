@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from memefx.data.collate import MemeCollator, check_max_length, load_tokenizer, train_wordpiece
 from memefx.data.hmc import UNLABELED, HMCFormatError, leakage, leakage_message, load_image, read_hmc
-from memefx.data.regions import check_regions, load_regions
+from memefx.data.regions import open_regions
 from memefx.data.strata import KINDS, stratum_lookup
 from memefx.data.synthetic import SyntheticConfig, write_synthetic
 from memefx.data.tables import check_confounders_cover, descriptions_for, read_captions, read_confounders
@@ -37,7 +37,7 @@ class MemeDataset(Dataset):
     """
 
     def __init__(self, frame: pd.DataFrame, root: Path | None, transform, descriptions: list[str] | None,
-                 regions: Path | None = None):
+                 regions=None):
         self.frame = frame.reset_index(drop=True)
         self.root = root
         self.transform = transform
@@ -58,7 +58,7 @@ class MemeDataset(Dataset):
         if self.descriptions is not None:
             item["description"] = self.descriptions[index]
         elif self.regions is not None:
-            item["regions"] = load_regions(self.regions, row.id)
+            item["regions"] = self.regions.load(row.id, row.img)
         else:
             item["pixel_values"] = self.transform(load_image(self.root / row.img, row.id))
         return item
@@ -151,8 +151,11 @@ class MemeDataModule(L.LightningDataModule):
         tags_file: parquet with ``id, tags`` (space-separated object tags) for OSCAR-style backbones; the
             tags become the second text segment. A relative path is looked up under ``root`` first (the
             synthetic data ships ``truth.parquet`` with tags).
-        region_features: folder of ``<id>.npz`` region features (``image_side: regions``); relative paths
-            are looked up under ``root`` first.
+        region_features: precomputed regions (``image_side: regions``): Vilio's TSV file (regions found
+            by the meme's picture, its ``img`` field) or a folder of ``<id>.npz``; relative paths are looked
+            up under ``root`` first.
+        region_count: use the first N regions of each picture (Vilio's ``--num_features``: 36 to 100);
+            a picture with fewer is an error. ``None``: all of them.
         synthetic: ``SyntheticConfig`` fields for the default dataset.
         shuffle_seed: seed of the training order (a function of this seed and the epoch only).
     """
@@ -179,6 +182,7 @@ class MemeDataModule(L.LightningDataModule):
         pairs_only: bool = False,
         tags_file: str | None = None,
         region_features: str | None = None,
+        region_count: int | None = None,
         synthetic: dict | None = None,
         shuffle_seed: int = 0,
     ):
@@ -263,7 +267,13 @@ class MemeDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         roles = wanted.get(stage, ["train", "val", "test"])
-        names = sorted({n for r in roles for n in self.eval_splits(r)} | {self.hparams.train_split})
+        names = {n for r in roles for n in self.eval_splits(r)}
+        train = self.hparams.train_split
+        # the training split: trained on, trains the tokenizer, or (when present) checked for leakage only;
+        # a folder holding only the split to evaluate is enough with a given tokenizer
+        if "train" in roles or not self.hparams.tokenizer or self.tables_only or (self.root / f"{train}.jsonl").is_file():
+            names.add(train)
+        names = sorted(names)
         frames = self._load([n for n in names if n not in self.frames])
         conf_path = self._table(self.hparams.confounders, "confounders.parquet")
         conf = read_confounders(conf_path) if conf_path and frames else None  # only for newly loaded splits
@@ -283,12 +293,14 @@ class MemeDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = self._build_tokenizer()
         check_max_length(self.tokenizer, self.hparams.max_length, self._pair_mode)
-        regions = self._under_root(self.hparams.region_features) if self.hparams.region_features else None
+        regions = None
+        if self.hparams.region_features:
+            regions = open_regions(self._under_root(self.hparams.region_features), self.hparams.region_count)
         for role in roles:
             per_split = {}
             for split in self.eval_splits(role):
                 if regions is not None:
-                    self.region_dim = check_regions(regions, self.frames[split].id.tolist())
+                    self.region_dim = regions.check(self.frames[split])
                 per_split[split] = MemeDataset(self.frames[split], self.root, self.transform,
                                                self._descriptions(split), regions)
             self.split_datasets[role] = per_split

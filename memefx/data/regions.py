@@ -1,7 +1,8 @@
-"""Precomputed region features (the format HMC winners used): one ``<id>.npz`` per image with
-``features`` (N x D float) and ``boxes`` (N x 4: x1, y1, x2, y2, normalized to [0, 1], or in pixels with
-``image_w``/``image_h`` beside them). Checked from the npy headers at setup, so a wrong shape or a missing
-file stops the run with the file named, before any worker starts.
+"""Precomputed region features (the format HMC winners used): Vilio's TSV file (``region_tsv``, regions found
+by the meme's picture) or a folder of one ``<id>.npz`` per meme with ``features`` (N x D float) and ``boxes``
+(N x 4: x1, y1, x2, y2, normalized to [0, 1], or in pixels with ``image_w``/``image_h`` beside them). Checked at
+setup (npy headers, TSV line headers), so a wrong shape or a missing picture stops the run with the file
+named, before any worker starts.
 """
 
 from __future__ import annotations
@@ -56,6 +57,48 @@ def load_regions(folder: str | Path, meme_id: str) -> tuple[torch.Tensor, torch.
         if "image_w" in data and "image_h" in data:
             boxes = boxes / np.array([data["image_w"], data["image_h"]] * 2, dtype=np.float32)
     return feats, torch.from_numpy(boxes).clamp(0, 1)
+
+
+class RegionFolder:
+    """Regions of a folder of ``<id>.npz`` files, looked up by meme id (see ``RegionTSV`` for Vilio's TSV).
+
+    ``count``: use the first ``count`` regions of each meme; a meme with fewer is an error. ``None``: all."""
+
+    def __init__(self, folder: str | Path, count: int | None = None):
+        self.path, self.count = Path(folder), count
+
+    def check(self, frame) -> int:
+        """Every meme has a readable file with enough regions; returns the feature size D."""
+        dim = check_regions(self.path, frame.id.tolist())
+        if self.count is not None:
+            short = []
+            for meme_id in frame.id:
+                with zipfile.ZipFile(self.path / f"{meme_id}.npz") as archive:
+                    if _header(archive, "features")[0][0] < self.count:
+                        short.append(meme_id)
+            if short:
+                raise HMCFormatError(f"{self.path}: {len(short)} memes hold fewer than data.region_count={self.count} "
+                                     f"regions (ids {_listing(short)})")
+        return dim
+
+    def load(self, meme_id: str, img: str) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, boxes = load_regions(self.path, meme_id)
+        return (feats, boxes) if self.count is None else (feats[: self.count], boxes[: self.count])
+
+
+def open_regions(path: str | Path, count: int | None = None):
+    """``RegionTSV`` for a file (Vilio's TSV layout), ``RegionFolder`` for a folder of ``<id>.npz``."""
+    path = Path(path)
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"data.region_count={count!r}: expected a positive number of regions per picture, or null")
+    if path.is_dir():
+        return RegionFolder(path, count)
+    if path.is_file():
+        from memefx.data.region_tsv import RegionTSV
+
+        return RegionTSV(path, count)
+    raise HMCFormatError(f"data.region_features={str(path)!r}: no such file or folder (Vilio's region TSV, or a "
+                         "folder of <id>.npz)")
 
 
 def pad_regions(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:

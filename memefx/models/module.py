@@ -66,6 +66,13 @@ def _from_string(value: str, hint, key: str):
     raise UserError(f"model.backbone_args.{key}={value!r}: expected {hint}")
 
 
+def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor of transformers' ``get_linear_schedule_with_warmup`` (what Vilio trains with)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 class MemeClassifier(L.LightningModule):
     """Binary hateful-meme classifier with miATE and prediction outputs.
 
@@ -75,7 +82,8 @@ class MemeClassifier(L.LightningModule):
         lr: peak learning rate (AdamW), reached after a linear warm-up and followed by cosine decay.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the training steps used for warm-up.
-        scheduler: ``cosine`` (warm-up + cosine) or ``constant``.
+        scheduler: ``cosine`` (warm-up + cosine), ``linear`` (warm-up + linear decay to 0, Vilio's
+            ``get_linear_schedule_with_warmup``) or ``constant``.
         miate_bootstrap: stratum-bootstrap resamples for the miATE interval.
         miate_seed: seed of the bootstrap (recorded with each result).
         seed: every training step starts from a seed fixed by (seed, epoch, batch index), so dropout
@@ -89,7 +97,7 @@ class MemeClassifier(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
-        scheduler: Literal["cosine", "constant"] = "cosine",
+        scheduler: Literal["cosine", "linear", "constant"] = "cosine",
         miate_bootstrap: int = 1000,
         miate_seed: int = 0,
         seed: int = 0,
@@ -268,6 +276,9 @@ class MemeClassifier(L.LightningModule):
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(self.hparams.warmup_ratio * total))
+        if self.hparams.scheduler == "linear":  # lr * step / warmup, then lr * (total - step) / (total - warmup)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_warmup_decay(step, warmup, total))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
         schedule = torch.optim.lr_scheduler.SequentialLR(
             optimizer,
             [torch.optim.lr_scheduler.LinearLR(optimizer, 1e-3, 1.0, warmup),

@@ -5,10 +5,14 @@ from __future__ import annotations
 from memefx.models.backbones.base import Backbone, BackboneOutput, ImageEncoder
 from memefx.models.backbones.caption_pair import CaptionPairBackbone
 from memefx.models.backbones.single_stream import SingleStreamBackbone
+from memefx.models.backbones.vilio import VilioOscarBackbone, VilioUniterBackbone, VilioVisualBertBackbone
 from memefx.models.backbones.visualbert import VisualBertBackbone
 
 BACKBONES: dict[str, type[Backbone]] = {"visualbert": VisualBertBackbone, "caption_pair": CaptionPairBackbone,
-                                     "uniter": SingleStreamBackbone, "oscar": SingleStreamBackbone}
+                                     "uniter": SingleStreamBackbone, "oscar": SingleStreamBackbone,
+                                     # the paper's own models, as Vilio computes them (checkpoints load strictly)
+                                     "vilio_uniter": VilioUniterBackbone, "vilio_oscar": VilioOscarBackbone,
+                                     "vilio_visualbert": VilioVisualBertBackbone}
 
 
 def register(name: str, cls: type[Backbone]) -> None:
