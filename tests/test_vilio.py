@@ -164,12 +164,11 @@ def test_user_chain_predict_then_miate_on_the_fixture(family, tmp_path, capsys):
     probability, then memefx miate on them."""
     root = oracle_root(family, tmp_path / "data")
     run = tmp_path / "run"
-    code = main(["predict", "--config", f"{CONFIG_DIR}/{CONFIGS[family]}.yaml", "--data.root", str(root),
-                 "--data.region_features", str(root / "regions.tsv"), "--data.tokenizer", str(root / "bert"),
-                 "--model.backbone_args.bert", str(root / "bert"), "--model.backbone_args.checkpoint",
-                 str(root / "state_dict.pt"), "--data.predict_split", "dev_seen", "--trainer.default_root_dir", str(run),
-                 "--trainer.enable_progress_bar", "false"])
-    assert code == 0
+    options = ["--config", f"{CONFIG_DIR}/{CONFIGS[family]}.yaml", "--data.root", str(root),
+               "--data.region_features", str(root / "regions.tsv"), "--data.tokenizer", str(root / "bert"),
+               "--model.backbone_args.bert", str(root / "bert"), "--model.backbone_args.checkpoint",
+               str(root / "state_dict.pt"), "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false"]
+    assert main(["predict", *options, "--data.predict_split", "dev_seen"]) == 0
     predictions = pd.read_parquet(run / "predictions" / "dev_seen.parquet")
     assert predictions.id.tolist() == ["00101", "00102", "00202", "00303"]
     reference = torch.load(oracle_dir(family) / "outputs.pt")["probs"][:, 1].double().numpy()
@@ -182,6 +181,13 @@ def test_user_chain_predict_then_miate_on_the_fixture(family, tmp_path, capsys):
     image = by_kind["shared_image"]
     assert image["n_strata"] == 1
     assert image["mean"] == pytest.approx(reference[0] - reference[1], abs=1e-6)
+    # the README's next steps: test (metrics, miATE, MIDAS of the checkpoint's weights), then report
+    assert main(["test", *options, "--data.test_split", "[dev_seen]"]) == 0
+    assert json.loads((run / "miate" / "dev_seen.json").read_text())["shared_text"]["mean"] == pytest.approx(
+        reference[2] - reference[3], abs=1e-6)
+    assert len(pd.read_parquet(run / "midas" / "test_ckpt_epochinit.parquet"))
+    assert main(["report", str(run)]) == 0
+    assert (run / "report" / "report.md").is_file()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -202,3 +208,15 @@ def test_paper_midas_procedure_reproduces_the_reference(family, tmp_path):
     assert constant["gradient"].shape == out_ref["midas_gradient"].shape
     assert float(constant["gradient"].abs().max()) < 1e-8 and float(out_ref["midas_gradient"].abs().max()) < 1e-8
     assert float(ours["gradient"].abs().max()) > 1e-5  # the hateful probability does depend on the attention
+
+
+def test_linear_schedule_equals_transformers_linear_warmup():
+    """``scheduler: linear`` is the schedule Vilio trains with (transformers' get_linear_schedule_with_warmup)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from memefx.models.module import linear_warmup_decay
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=7, num_training_steps=70)
+    for step in range(75):
+        assert linear_warmup_decay(step, 7, 70) == pytest.approx(reference.lr_lambdas[0](step), abs=1e-12)
