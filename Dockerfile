@@ -3,6 +3,10 @@
 # lines are the Makefile's own (TORCH pin, then the project with its extras, then the install check);
 # tests/test_container.py checks they stay in step.
 FROM python:3.11-slim
+# provenance.json records the commit the image was built from (no git inside the image):
+#   docker build --build-arg MEMEFX_GIT_COMMIT=$(git rev-parse HEAD) -t memefx .
+ARG MEMEFX_GIT_COMMIT=unknown
+ENV MEMEFX_GIT_COMMIT=$MEMEFX_GIT_COMMIT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 WANDB_MODE=offline MEMEFX_CACHE=/cache PYTHONUNBUFFERED=1
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/memefx

@@ -22,7 +22,7 @@ from memefx.data.datamodule import MemeDataModule
 from memefx.errors import UserError, read_json
 from memefx.models.module import MemeClassifier
 
-TOOLS = ("synth", "strata", "report", "regions", "icl", "miate")
+TOOLS = ("synth", "strata", "report", "regions", "icl", "miate", "study")
 
 
 class MemeCLI(LightningCLI):
@@ -119,11 +119,13 @@ def _synth(argv: list[str]) -> int:
 
     p = ArgumentParser(prog="memefx synth", description="Write a synthetic HMC-layout dataset.", exit_on_error=True)
     p.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
-    p.add_argument("--out", required=True, help="folder to write (HMC layout plus side tables)")
+    p.add_argument("--out", required=True, help="folder to write (HMC layout plus side tables); must be empty or new")
+    p.add_argument("--overwrite", type=bool, default=False,
+                   help="replace an earlier synthetic dataset in --out (its files are deleted first)")
     p.add_class_arguments(SyntheticConfig, None, as_group=False)
     a = p.parse_args([_dash_to_underscore(x) for x in argv])
     cfg = SyntheticConfig(**{f.name: a[f.name] for f in dataclasses.fields(SyntheticConfig)})
-    out = write_synthetic(a.out, cfg)
+    out = write_synthetic(a.out, cfg, overwrite=a.overwrite)
     conf = read_confounders(out / "confounders.parquet")
     counts = conf.groupby("split").label.agg(["size", "sum"]).rename(columns={"size": "memes", "sum": "hateful"})
     print(json.dumps({"out": str(out), "splits": counts.astype(int).to_dict("index"), "strata": summarize(conf)}, indent=2))
@@ -204,7 +206,54 @@ def _regions(argv: list[str]) -> int:
     return 0
 
 
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, ImportError, KeyError)
+def _study(argv: list[str]) -> int:
+    """``memefx study``: one ``memefx fit`` per training seed into sibling run folders, then the summary."""
+    from memefx.report.study import study_lines, summarize_study
+
+    p = argparse.ArgumentParser(
+        prog="memefx study", description="Fit one run per seed (OUT/seed<k>, the same config and data; the seed "
+        "sets seed_everything, model.seed and data.shuffle_seed) and summarize them: per split AUROC/accuracy "
+        "mean and sd over seeds, miATE per kind and the image-minus-text difference with hierarchical-bootstrap "
+        "intervals (OUT/study.json, OUT/study.csv). Other options go to memefx fit.")
+    p.add_argument("--out", required=True, help="study folder; runs go to OUT/seed<k>")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (not with --summarize-only)")
+    p.add_argument("--summarize-only", action="store_true", help="no fit: summarize the finished OUT/seed<k> runs")
+    p.add_argument("--no-summary", action="store_true", help="fit only (one task of a SLURM job array)")
+    p.add_argument("--n-bootstrap", type=int, default=2000)
+    a, fit_args = p.parse_known_args(argv)
+    out = Path(a.out)
+    if a.summarize_only and (a.seeds or fit_args):
+        raise UserError(f"memefx study --summarize-only fits nothing: drop {(['--seeds'] if a.seeds else []) + fit_args}")
+    if not a.summarize_only:
+        try:
+            seeds = [int(x) for x in (a.seeds or "").split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"memefx study --seeds {a.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise UserError(f"memefx study --seeds {a.seeds!r}: give one or more distinct seeds, e.g. 0,1,2")
+        if "--config" not in fit_args:
+            raise UserError("memefx study needs --config CONFIG (the experiment each seed fits)")
+        for seed in seeds:
+            run = out / f"seed{seed}"
+            if (run / "metrics.json").is_file() and (run / "provenance.json").is_file():
+                print(f"memefx study: {run} holds a finished run; kept (delete it to refit)", flush=True)
+                continue
+            print(f"memefx study: seed {seed} -> {run}", flush=True)
+            code = _dispatch(["fit", *fit_args, "--seed_everything", str(seed), "--model.seed", str(seed),
+                              "--data.shuffle_seed", str(seed), "--trainer.default_root_dir", str(run)])
+            if code:
+                return code
+    if a.no_summary:
+        return 0
+    if a.n_bootstrap < 1:
+        raise UserError(f"memefx study --n-bootstrap {a.n_bootstrap}: expected a positive number of resamples")
+    summarize_study(out, n_bootstrap=a.n_bootstrap)
+    print("\n".join(study_lines(json.loads((out / "study.json").read_text()))))
+    print(f"memefx study: wrote {out / 'study.json'} and {out / 'study.csv'}")
+    return 0
+
+
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, KeyError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +289,8 @@ def _dispatch(argv: list[str], from_shell: bool = False) -> int:
 
         return miate_main(argv[1:])
     if argv and argv[0] in TOOLS:
-        return {"synth": _synth, "strata": _strata, "report": _report, "regions": _regions}[argv[0]](argv[1:])
+        return {"synth": _synth, "strata": _strata, "report": _report, "regions": _regions,
+                "study": _study}[argv[0]](argv[1:])
     MemeCLI(
         MemeClassifier, MemeDataModule, args=None if from_shell else argv, save_config_callback=None,
         parser_kwargs={"parser_mode": "omegaconf"}, seed_everything_default=0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import platform
 import subprocess
 import sys
@@ -49,11 +50,13 @@ def data_fingerprint(datamodule) -> dict:
         found = locate(datamodule.hparams.get(key), default) if locate else None
         tables[key] = str(Path(found).resolve()) if found else None
     digest = hashlib.sha256("".join(f"{k}={v};" for k, v in sorted(files.items())).encode()).hexdigest()
-    return {"root": str(root) if root else None, "files": files, "rows": rows, "digest": digest, "tables": tables}
+    return {"root": str(root) if root else None, "files": files, "rows": rows, "digest": digest, "tables": tables,
+            "val_from_train": getattr(datamodule, "carved", None)}
 
 
 def git_commit() -> str | None:
-    """Commit of the memefx checkout when it is a git work tree (with '+dirty' for local changes)."""
+    """Commit of the memefx checkout when it is a git work tree (with '+dirty' for local changes); inside a
+    container image (no git) the commit it was built from, ``MEMEFX_GIT_COMMIT``."""
     repo = Path(memefx.__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -61,7 +64,8 @@ def git_commit() -> str | None:
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        built = os.environ.get("MEMEFX_GIT_COMMIT", "").strip()
+        return f"{built} (image build argument)" if built and built != "unknown" else None
     return commit + ("+dirty" if dirty else "")
 
 

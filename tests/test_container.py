@@ -96,3 +96,34 @@ def test_run_lines_reads_both_formats():
     assert run_lines(docker) == ["a", "b", "c"]
     definition = "%post\n    a && b\n    c\n\n%runscript\n    exec d\n"
     assert run_lines(definition) == ["a", "b", "c"]
+
+
+def test_build_context_leaves_out_the_venv_and_runs():
+    """An old Docker builder sends the whole context: the multi-GB .venv and run folders must not be in it,
+    and nothing the Dockerfile copies may be excluded."""
+    ignored = {ln.strip().rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")}
+    assert {".venv", "runs", ".cache", ".git"} <= ignored
+    copied = {n for line in re.findall(r"^COPY (.+)$", DOCKERFILE, re.M) for n in line.split()[:-1]}
+    assert not copied & ignored
+
+
+@pytest.mark.parametrize("name,text", [("Dockerfile", DOCKERFILE), ("apptainer/memefx.def", DEFINITION)])
+def test_images_carry_the_commit_and_a_cache_folder(name, text):
+    assert "MEMEFX_GIT_COMMIT" in text and "--build-arg MEMEFX_GIT_COMMIT=$(git rev-parse HEAD)" in text, name
+    assert re.search(r"MEMEFX_CACHE=", text), f"{name}: MEMEFX_CACHE is not set"
+
+
+def test_provenance_reads_the_commit_an_image_was_built_from(monkeypatch):
+    import subprocess
+
+    from memefx import provenance
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.setenv("MEMEFX_GIT_COMMIT", "0123abc")
+    assert provenance.git_commit() == "0123abc (image build argument)"
+    monkeypatch.setenv("MEMEFX_GIT_COMMIT", "unknown")
+    assert provenance.git_commit() is None

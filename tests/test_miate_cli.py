@@ -164,3 +164,27 @@ def test_cli_error_is_one_line_exit_2(tmp_path, table, capsys):
     assert memefx(["miate", "--predictions", path, "--confounders", str(table), "--id-col", "meme",
                    "--score-col", "score"]) == 2
     assert "1 memes have no score (NaN): ids 00008" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "write"), [
+    ("scores.json", lambda f, p: f.to_json(p, orient="records", lines=True)),  # JSON lines in a .json
+    ("scores.jsonl", lambda f, p: f.to_json(p, orient="records")),  # a JSON array in a .jsonl
+    ("scores.txt", lambda f, p: f.to_csv(p, sep="\t", index=False)),  # TSV in a .txt
+    ("scores.csv", lambda f, p: f.to_csv(p, sep=";", index=False)),  # semicolon CSV
+])
+def test_the_format_is_read_from_the_content(tmp_path, table, name, write):
+    frame = pd.DataFrame({"meme": list(SCORES), "score": list(SCORES.values())})
+    write(frame, tmp_path / name)
+    result = analyse(tmp_path / name, table, id_col="meme", score_col="score", n_bootstrap=50)
+    assert result["shared_image"]["mean"] == pytest.approx(0.35) and result["n_predictions"] == 8
+
+
+def test_option_ranges_are_checked(tmp_path, table, capsys):
+    base = ["miate", "--predictions", _csv(tmp_path), "--confounders", str(table), "--id-col", "meme", "--score-col", "score"]
+    assert memefx([*base, "--threshold", "5"]) == 2
+    assert "--threshold 5.0: a stratum's miATE lies in [-1, 1]" in capsys.readouterr().err
+    assert memefx([*base, "--n-bootstrap", "-5"]) == 2
+    assert "--n-bootstrap -5: expected a number of resamples >= 0" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text('{"meme": "00001", "score": 0.9}\n{"meme": ')
+    assert memefx(["miate", "--predictions", str(tmp_path / "broken.json"), "--confounders", str(table)]) == 2
+    assert "neither JSON lines nor a JSON array of records" in capsys.readouterr().err

@@ -79,3 +79,30 @@ def test_shortcuts_only_in_train():
 def test_invalid_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         SyntheticConfig(**{field: value})
+
+
+def test_synth_refuses_a_folder_that_holds_files_and_replaces_only_its_own(tmp_path, capsys):
+    from memefx.cli import main
+
+    folder = tmp_path / "hmc"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"id": 1, "img": "img/00001.png", "text": "mine", "label": 0}\n')
+    (folder / "notes.txt").write_text("keep me")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["synth", "--out", str(folder), "--n-memes", "300"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing touched
+    first = write_synthetic(tmp_path / "s", SyntheticConfig(n_memes=300, seed=1, image_size=16))
+    old_images = {p.name for p in (first / "img").iterdir()}
+    assert main(["synth", "--out", str(first), "--n-memes", "300", "--seed", "2", "--image-size", "16",
+                 "--overwrite", "true"]) == 0
+    new_images = {p.name for p in (first / "img").iterdir()}
+    assert old_images != new_images
+    truth = pd.read_parquet(first / "truth.parquet")
+    assert new_images == {f"{i}.png" for i in truth.id}  # no image of the earlier dataset left behind
+
+
+def test_too_few_memes_for_every_split_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"n_memes=5 leaves split\(s\) \[.*\] without memes"):
+        write_synthetic(tmp_path / "tiny", SyntheticConfig(n_memes=5, seed=0, image_size=8))
+    assert not (tmp_path / "tiny" / "train.jsonl").exists()

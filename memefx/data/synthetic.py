@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -261,16 +262,38 @@ def truth_table(memes: list[_Meme]) -> pd.DataFrame:
     })
 
 
-def write_synthetic(out: str | Path, cfg: SyntheticConfig | None = None) -> Path:
+WRITTEN = ("img", *(f"{s}.jsonl" for s in SPLITS), "confounders.parquet", "hm_captions.parquet", "truth.parquet",
+           "synthetic.json")
+
+
+def write_synthetic(out: str | Path, cfg: SyntheticConfig | None = None, overwrite: bool = False) -> Path:
     """Write a complete HMC-layout dataset (jsonl, PNG images, both side tables) for ``cfg``.
 
     The folder also receives ``synthetic.json`` (the settings) and ``truth.parquet`` (per meme the text
-    and image attributes and the clean label), so tests can derive known answers.
+    and image attributes and the clean label), so tests can derive known answers. A folder that already
+    holds files is refused (a user's HMC download would be mixed with synthetic memes); ``overwrite``
+    first deletes what an earlier ``write_synthetic`` wrote there (other files stay).
     """
     cfg = cfg or SyntheticConfig()
     out = Path(out)
-    (out / "img").mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            held = sorted(p.name for p in out.iterdir())
+            raise FileExistsError(f"{out} is not empty ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}): "
+                                  "choose an empty or new folder, or pass --overwrite to replace the synthetic files")
+        for name in WRITTEN:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     memes = generate_memes(cfg)
+    counts = {split: sum(m.split == split for m in memes) for split in SPLITS}
+    empty = [split for split, n in counts.items() if n == 0]
+    if empty:
+        raise ValueError(f"n_memes={cfg.n_memes} leaves split(s) {empty} without memes (drawn: {counts}); "
+                         "use more memes (a few hundred at least) or other split_fractions")
+    (out / "img").mkdir(parents=True, exist_ok=True)
     png_cache: dict[tuple, bytes] = {}
     for meme in memes:
         key = (meme.image_key, meme.shortcut_image)

@@ -3,7 +3,7 @@
     memefx miate --predictions FILE --confounders FILE [--split S] [--id-col id] [--score-col p_hateful]
                  [--label-col label] [--json] [--out DIR]
 
-FILE is a CSV, TSV, JSON-lines or parquet table with one score per meme: a memefx run's
+FILE is a CSV/TSV (any of comma, tab, semicolon), JSON (lines or an array) or parquet table with one score per meme: a memefx run's
 ``predictions/<split>.parquet``, an LLM scoring run (``p_hateful``) or another toolkit's output. Labels the
 file lacks come from the confounder table. The result has the same form as a run's ``miate/<split>.json``
 (both kinds: estimate, SE, bootstrap interval, member-weighted mean, placebo, threshold curve, options,
@@ -34,21 +34,30 @@ from memefx.data.tables import read_confounders
 
 
 def read_table(path: str | Path, id_col: str) -> pd.DataFrame:
-    """A predictions table from CSV/TSV, JSON lines or parquet; ids are read as text (leading zeros kept)."""
+    """A predictions table from CSV/TSV (delimiter sniffed: comma, tab or semicolon), JSON (an array or JSON
+    lines, whichever the file holds) or parquet; ids are read as text (leading zeros kept)."""
     path = Path(path)
     if not path.is_file():
         raise PredictionsError(f"{path}: predictions file not found")
     suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv", ".tsv", ".txt", ".json", ".jsonl"):
+        raise PredictionsError(f"{path}: unknown format {suffix!r}: use .csv, .tsv, .txt, .json, .jsonl or .parquet")
     try:
         if suffix == ".parquet":
             return pd.read_parquet(path)
         if suffix in (".csv", ".tsv", ".txt"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={id_col: str})
-        if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=suffix == ".jsonl", dtype={id_col: str})
+            return pd.read_csv(path, sep=None, engine="python", dtype={id_col: str})  # csv.Sniffer picks the delimiter
     except Exception as err:  # noqa: BLE001 - every reader fails differently; name the file
-        raise PredictionsError(f"{path}: cannot be read as a {suffix[1:]} table ({type(err).__name__}: {err})") from None
-    raise PredictionsError(f"{path}: unknown format {suffix!r}: use .csv, .tsv, .jsonl or .parquet")
+        raise PredictionsError(f"{path}: cannot be read as a {suffix[1:]} table ({type(err).__name__}: {err}); "
+                               "expected one row per meme with a header line") from None
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    lines = not head.startswith(b"[")  # a JSON array of records opens with '[', JSON lines with '{'
+    try:
+        return pd.read_json(path, lines=lines, dtype={id_col: str})
+    except ValueError as err:
+        form = "JSON lines (one object a line)" if lines else "a JSON array of records"
+        raise PredictionsError(f"{path}: neither JSON lines nor a JSON array of records: read as {form}, {err}") from None
 
 
 def load_predictions(path: str | Path, split: str | None = None, id_col: str = "id", score_col: str = "p_hateful",
@@ -172,6 +181,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--out", default=None, help="folder for <split>.json, <split>_strata.csv and plots")
     a = p.parse_args(argv)
+    if a.threshold is not None and not -1.0 <= a.threshold <= 1.0:
+        raise PredictionsError(f"--threshold {a.threshold}: a stratum's miATE lies in [-1, 1]; a threshold outside "
+                               "keeps every stratum or none (read the threshold curve instead)")
+    if a.n_bootstrap < 0:
+        raise PredictionsError(f"--n-bootstrap {a.n_bootstrap}: expected a number of resamples >= 0 (0: no interval)")
     result = analyse(a.predictions, a.confounders, a.split, a.id_col, a.score_col, a.label_col,
                      n_bootstrap=a.n_bootstrap, seed=a.seed, threshold=a.threshold, correct_only=a.correct_only,
                      pairs_only=a.pairs_only)

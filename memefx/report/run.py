@@ -224,6 +224,10 @@ def is_run_directory(path: Path) -> bool:
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report/report.md`` and its PNG plots; return the markdown path."""
     run_dir = Path(run_dir)
+    from memefx.report.study import is_study_directory, write_study_report
+
+    if is_study_directory(run_dir):  # a study folder (memefx study): its seeds side by side
+        return write_study_report(run_dir)
     if not is_run_directory(run_dir):
         raise UserError(f"{run_dir} is not a memefx run directory (no config.yaml, provenance.json, metrics.json, "
                         "predictions/ or miate/): give the folder passed as --trainer.default_root_dir")
