@@ -133,11 +133,12 @@ def test_icl_configs_fill_run_options(tiny_llama, tmp_path):
     parser = build_parser()
     for path in sorted((ROOT / "configs" / "icl").glob("*.yaml")):
         values = yaml.safe_load(path.read_text())
-        assert values["engine"]["quantize"] == "nf4" and values["engine"]["model"].startswith("meta-llama/Llama-2-")
+        assert values["engine"]["model"].startswith("meta-llama/Llama-2-")
         parsed = parser.parse_args(["run", "--config", str(path), "--prompts", "p", "--cache", "c", "--out", "o",
                                     "--engine.batch_size", "3"])
         engine = parser.instantiate(parsed)["run"].engine
-        assert isinstance(engine, EngineConfig) and engine.batch_size == 3 and engine.quantize == "nf4"
+        assert isinstance(engine, EngineConfig) and engine.batch_size == 3
+        assert engine.quantize == ("nf4" if path.stem.endswith("_nf4") else None)
     prompts = tmp_path / "p.parquet"
     _prompts(2).to_parquet(prompts)
     config = tmp_path / "c.yaml"
@@ -320,3 +321,116 @@ def test_killed_torchrun_with_a_torn_line_resumes_without_loss_or_repeat(tiny_ll
     keys = [json.loads(line)["key"] for shard in ("rank0.jsonl", "rank1.jsonl")
             for line in (cache / shard).read_text().splitlines() if line.endswith("}")]
     assert len(keys) == len(set(keys)) == prompts.prompt.nunique()
+
+
+# ------------------------------------------------------------------------------ the published generation setting
+def test_published_config_is_the_authors_setting():
+    """configs/icl/llama2_13b_chat_published.yaml: the reference pipeline's settings, field by field
+    (few_shot_generation.py, Llama-2-13b-chat-hf.yaml, text_generation.py, hf_llama2.ipynb)."""
+    import yaml
+
+    from memefx.icl.cli import build_parser
+
+    path = ROOT / "configs" / "icl" / "llama2_13b_chat_published.yaml"
+    parsed = build_parser().parse_args(["run", "--config", str(path), "--prompts", "p", "--cache", "c", "--out", "o"])
+    engine = build_parser().instantiate(parsed)["run"].engine
+    assert engine == EngineConfig(model="meta-llama/Llama-2-13b-chat-hf", dtype="float16", quantize=None, batch_size=1,
+                                  max_new_tokens=None, max_length=2000, do_sample=True, temperature=1.0, top_k=10,
+                                  top_p=1.0, seed=0, add_bos=False)
+    assert yaml.safe_load(path.read_text())["mode"] == "generate"
+    assert engine.new_tokens(600) == 1400  # prompt tokens count against max_length, as transformers counts them
+
+
+def test_new_tokens_applies_both_limits():
+    assert EngineConfig(model="m", max_new_tokens=64).new_tokens(1000) == 64
+    assert EngineConfig(model="m", max_new_tokens=None, max_length=100).new_tokens(30) == 70
+    assert EngineConfig(model="m", max_new_tokens=50, max_length=100).new_tokens(30) == 50
+    assert EngineConfig(model="m", max_new_tokens=50, max_length=100).new_tokens(70) == 30
+
+
+@pytest.mark.parametrize("bad,match", [({"max_new_tokens": None}, "both None"), ({"top_k": -1}, "top_k=-1"),
+                                       ({"max_length": 0}, "max_length=0"), ({"top_p": 0.0}, "top_p=0.0"),
+                                       ({"temperature": 0.0}, "temperature=0.0")])
+def test_engine_settings_that_cannot_work_are_refused(bad, match):
+    from memefx.icl.engine import UserError
+
+    with pytest.raises(UserError, match=match):
+        EngineConfig(model="m", **bad)
+
+
+def test_top_k_one_samples_the_greedy_answer(tiny_llama):
+    """Sampling among the single most likely token is greedy decoding, whatever the seed: top_k reaches generate."""
+    greedy = EngineConfig(model=tiny_llama, max_new_tokens=5)
+    model, tok = load(greedy)
+    prompts = _prompts(4).prompt.tolist()
+    keys = [str(i) * 12 for i in range(len(prompts))]
+    expected = generate(model, tok, prompts, greedy, keys)
+    assert generate(model, tok, prompts, EngineConfig(model=tiny_llama, max_new_tokens=5, do_sample=True, top_k=1,
+                                                      seed=3), keys) == expected
+    wide = EngineConfig(model=tiny_llama, max_new_tokens=5, do_sample=True, top_k=0, temperature=5.0)
+    assert generate(model, tok, prompts, wide, keys) != expected  # without the cut, hot sampling wanders
+
+
+def test_max_length_counts_the_prompt_tokens_batched_or_not(tiny_llama):
+    """Each answer gets max_length minus its own prompt's tokens: a batch of prompts of different lengths
+    gives every row what that prompt alone gets with max_new_tokens = its room."""
+    from memefx.icl.engine import encode_prompt
+
+    model, tok = load(EngineConfig(model=tiny_llama))
+    prompts = _prompts(5).prompt.tolist()
+    lengths = [len(encode_prompt(tok, p)) for p in prompts]
+    assert len(set(lengths)) > 2
+    limit = max(lengths) + 3
+    cfg = EngineConfig(model=tiny_llama, max_new_tokens=None, max_length=limit, batch_size=5)
+    keys = [str(i) * 12 for i in range(len(prompts))]
+    batched = generate(model, tok, prompts, cfg, keys)
+    for p, k, n, got in zip(prompts, keys, lengths, batched):
+        alone = EngineConfig(model=tiny_llama, max_new_tokens=limit - n)
+        assert got == generate(model, tok, [p], alone, [k])[0]
+    longest = lengths.index(max(lengths))
+    longer = EngineConfig(model=tiny_llama, max_new_tokens=8)
+    assert batched[longest] != generate(model, tok, [prompts[longest]], longer, [keys[longest]])[0]  # the limit bites
+
+
+def test_a_prompt_with_no_room_under_max_length_is_refused_before_any_answer(tiny_llama, tmp_path):
+    from memefx.icl.engine import UserError, encode_prompt
+
+    model, tok = load(EngineConfig(model=tiny_llama))
+    prompts = _prompts(3)
+    longest = max(len(encode_prompt(tok, p)) for p in prompts.prompt)
+    cfg = EngineConfig(model=tiny_llama, max_new_tokens=None, max_length=longest)
+    with pytest.raises(UserError, match=f"no room for an answer under engine.max_length={longest}"):
+        run(prompts, cfg, tmp_path / "c", model=model, tok=tok)
+    assert not (tmp_path / "c" / "rank0.jsonl").exists()  # nothing was answered, nothing cached
+
+
+@pytest.mark.parametrize("change", [{"top_k": 10}, {"max_length": 900}, {"max_new_tokens": 4}, {"add_bos": False},
+                                    {"seed": 1}, {"temperature": 0.7}])
+def test_every_decoding_setting_is_in_the_cache_key(tiny_llama, tmp_path, change):
+    """A cached answer is reused only under the same settings: top_k and max_length (new) as every other one;
+    batch_size changes no answer and reuses the cache."""
+    from dataclasses import replace
+
+    from memefx.icl.engine import cache_key
+
+    cfg = EngineConfig(model=tiny_llama, max_new_tokens=3, do_sample=True, top_k=20, batch_size=2)
+    prompts = _prompts(3)
+    full = run(prompts, cfg, tmp_path / "c")
+    again = run(prompts, replace(cfg, batch_size=3), tmp_path / "c", model=_Refuse(), tok=_Refuse())
+    pd.testing.assert_frame_equal(full, again)
+    other = replace(cfg, **change)
+    assert cache_key(other, "generate", "p", fingerprint="f") != cache_key(cfg, "generate", "p", fingerprint="f")
+    with pytest.raises(AssertionError, match="cache should have answered"):
+        run(prompts, other, tmp_path / "c", model=_Refuse(), tok=_Refuse())
+
+
+def test_add_bos_false_tokenises_as_the_published_pipeline(tiny_llama):
+    """The reference pipeline tokenised the raw prompt with add_special_tokens=False: no BOS, no chat template."""
+    from memefx.icl.engine import encode_prompt
+
+    _, tok = load(EngineConfig(model=tiny_llama))
+    tok.bos_token = "[CLS]"  # a tokenizer with a BOS token, as Llama's
+    prompt = _prompts(2).prompt.iloc[1]
+    plain = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert encode_prompt(tok, prompt, add_bos=False) == plain
+    assert encode_prompt(tok, prompt, add_bos=True) == [tok.bos_token_id, *plain]

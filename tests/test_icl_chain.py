@@ -94,7 +94,7 @@ def test_malformed_run_output_is_a_clear_error(tmp_path, capsys):
     prompt = pair_prompt([Member("a", "b"), Member("c", "d")])
     bad = pd.DataFrame({"group": ["07"], "few_shot_num": [0], "prompt": [prompt], "member_ids": [["x", "y", "z"]],
                         "member_labels": [[0, 1, 0]], "generated_text": ["All pairs are benign."]})
-    with pytest.raises(UserError, match=r"row 0 \(group '07', 0-shot\): 3 member ids, 3 labels, 2 pairs"):
+    with pytest.raises(UserError, match=r"row 0 \(group '07', 0-shot\): 3 member ids, 3 labels, 2 member lines"):
         expand_answers(bad)
     score_run = bad.drop(columns=["generated_text"]).assign(p_hateful=0.5)
     with pytest.raises(UserError, match="--mode score run gives p_hateful"):
@@ -197,3 +197,95 @@ def test_prompts_cli_reports_prompts_dropped_by_the_character_cap(tiny_root, tmp
     assert sum(dropped.values()) == len(everything) - len(kept) > 0
     assert f"{sum(dropped.values())} prompts over the character cap dropped (per shot count: {dropped})" in \
         capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- published-layout prompts the header miscounts
+_HEAD = ("User: Out of image-caption pairs #0 to #{last}, select the most likely hateful or sarcastic pair, together "
+         "with potential label (hateful or sarcastic). If all pairs are benign, say 'All pairs are benign'.\n")
+_DEMO = ("#0: caption: 'a #tag and a #hashtag', image: 'a dog'\n#1: caption: 'plain words', image: 'a cat'\nSystem:\n\n"
+         "The most likely hateful or sarcastic pair is #1, with the potential label 'hateful'.\n\nUser:\n")
+_TARGET = "#0: caption: 'love is love #pride', image: 'a rainbow flag'\n#1: caption: 'they are all the same', image: 'a flag'"
+
+
+def _hash_prompts() -> list[str]:
+    """A target whose meme text holds '#': the authors' header counts every '#' of the zero-shot prompt
+    (#0, #pride, #1 -> "#0 to #2") over 2 pairs; the 1-shot prompt adds a demonstration holding '#' too."""
+    zero = _TARGET + "\nSystem:"
+    return [_HEAD.format(last=2) + zero, _HEAD.format(last=2) + _DEMO + zero]
+
+
+def test_hand_made_prompts_are_what_the_published_procedure_writes():
+    from memefx.icl.published import _target_prompts
+
+    lines = ["caption: 'a #tag and a #hashtag', image: 'a dog'", "caption: 'plain words', image: 'a cat'",
+             "caption: 'love is love #pride', image: 'a rainbow flag'", "caption: 'they are all the same', image: 'a flag'"]
+    got = _target_prompts(lines, [0, 1, 0, 1], [np.array([0, 1]), np.array([2, 3])], np.array([2, 3]), 1)
+    assert got == _hash_prompts()
+    empty = _target_prompts(lines, [0, 1, 0, 1], [np.array([0, 1]), np.array([], dtype=int)], np.array([], dtype=int), 1)
+    assert empty == [_HEAD.format(last=-1) + "\nSystem:", _HEAD.format(last=-1) + _DEMO + "\nSystem:"]
+
+
+def test_a_meme_text_holding_hash_does_not_break_parse(tmp_path, capsys):
+    """The header says "#0 to #2" over 2 pairs: the target block's member lines are counted instead, so a
+    published-layout run parses (it was refused: "2 member ids ... 3 pairs")."""
+    from memefx.icl.parse import pairs_in_prompt
+
+    prompts = _hash_prompts()
+    assert [pairs_in_prompt(p) for p in prompts] == [2, 2]
+    run = pd.DataFrame({"group": ["15049", "15049"], "few_shot_num": [0, 1], "prompt": prompts,
+                        "member_ids": [["11", "12"]] * 2, "member_labels": [[0, 1]] * 2,
+                        "generated_text": ["The most likely hateful or sarcastic pair is #1, with the potential label "
+                                           "'hateful'."] * 2})
+    rows = expand_answers(run)
+    assert rows[["few_shot_num", "ans_num", "id"]].values.tolist() == [[0, 0, "11"], [0, 1, "12"], [1, 0, "11"],
+                                                                      [1, 1, "12"]]
+    run.to_parquet(tmp_path / "run.parquet")
+    assert main(["icl", "parse", "--answers", str(tmp_path / "run.parquet"), "--out", str(tmp_path / "p.parquet")]) == 0
+    parsed = pd.read_parquet(tmp_path / "p.parquet")
+    assert parsed.parsed_is_hateful.tolist() == [0, 1, 0, 1]
+    wrong = run.assign(member_ids=[["11", "12", "13"]] * 2, member_labels=[[0, 1, 0]] * 2)
+    with pytest.raises(UserError, match="3 member ids, 3 labels, 2 member lines"):  # still checked, by the lines
+        expand_answers(wrong)
+
+
+def test_prompts_of_a_target_without_pairs_are_reported_never_dropped_silently(tmp_path, capsys):
+    """A target whose member lines all sit in other groups keeps its prompts (header "#0 to #-1", no member
+    ids, as the authors' procedure writes them); parse and table leave them out and say so."""
+    empty = [_HEAD.format(last=-1) + "\nSystem:", _HEAD.format(last=-1) + _DEMO + "\nSystem:"]
+    prompts = _hash_prompts() + empty
+    run = pd.DataFrame({"group": ["15049", "15049", "61458", "61458"], "few_shot_num": [0, 1, 0, 1],
+                        "prompt": prompts, "member_ids": [["11", "12"], ["11", "12"], [], []],
+                        "member_labels": [[0, 1], [0, 1], [], []], "generated_text": ["All pairs are benign."] * 4})
+    with pytest.warns(UserWarning, match=r"2 prompt\(s\) have no pair of their own .*group 61458, 0-shot; "
+                                         r"group 61458, 1-shot"):
+        rows = expand_answers(run)
+    assert len(rows) == 4 and rows.attrs["no_pairs"] == ["group 61458, 0-shot", "group 61458, 1-shot"]
+    run.to_parquet(tmp_path / "run.parquet")
+    capsys.readouterr()
+    assert main(["icl", "parse", "--answers", str(tmp_path / "run.parquet"), "--out", str(tmp_path / "p.parquet")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 4 and report["prompts_without_pairs"] == ["group 61458, 0-shot", "group 61458, 1-shot"]
+    assert main(["icl", "table", "--answers", str(tmp_path / "run.parquet")]) == 0
+    assert "not counted: 2 prompt(s) have no pair of their own" in capsys.readouterr().out
+    assert main(["icl", "table", "--answers", str(tmp_path / "run.parquet"), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["0_shot"]["n"] == 2 and "2 prompt(s) have no pair of their own" in out.err
+
+
+def test_prompts_cli_names_prompts_without_pairs(monkeypatch, tmp_path, capsys):
+    """`icl prompts` says which prompts have no pair of their own, before any GPU time is spent on them."""
+    import memefx.icl.prompts as prompts_module
+
+    table = pd.DataFrame({"group": ["15049", "61458", "61458"], "few_shot_num": [0, 0, 1],
+                          "prompt": [*_hash_prompts()[:1], _HEAD.format(last=-1) + "\nSystem:",
+                                     _HEAD.format(last=-1) + _DEMO + "\nSystem:"],
+                          "member_ids": [["11", "12"], [], []], "member_labels": [[0, 1], [], []]})
+    import functools
+
+    @functools.wraps(prompts_module.build_prompts)  # the real signature: the CLI's schema
+    def fake(**options):
+        return table
+
+    monkeypatch.setattr(prompts_module, "build_prompts", fake)
+    assert main(["icl", "prompts", "--captions", "c.parquet", "--out", str(tmp_path / "p.parquet")]) == 0
+    assert "2 prompts have no pair of their own (group 61458, 0-shot; group 61458, 1-shot)" in capsys.readouterr().out

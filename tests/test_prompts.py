@@ -46,9 +46,11 @@ def test_sampler_is_seeded_excludes_target_and_respects_budget():
 
 
 def _real(**kwargs) -> pd.DataFrame:
+    """Prompts from the shared tables, the meme text from the HMC files (unless ``hmc=None`` is given)."""
     from memefx.icl.prompts import build_prompts
 
     conf, caps = shared_file("confounders.parquet"), shared_file("hm_captions.parquet")
+    kwargs.setdefault("hmc", shared_file("hmc/dev_seen.jsonl").parent)
     with pytest.warns(UserWarning, match="duplicate rows"):
         return build_prompts(conf, caps, **kwargs)
 
@@ -70,9 +72,33 @@ def test_meme_text_comes_from_the_hmc_files_when_given():
     hmc = shared_file("hmc/dev_seen.jsonl").parent
     table = _real(hmc=hmc, shots=[0])
     texts = pd.read_json(hmc / "dev_seen.jsonl", lines=True, dtype={"id": str}).set_index("id").text
-    row = table.iloc[0]
-    assert [m.text for m in parse_prompt(row.prompt)[-1].members] == [texts[i] for i in row.member_ids]
-    assert (table.prompt != _real(shots=[0]).prompt).mean() > 0.5  # the caption table's `text` is mostly a description
+    for row in table.itertuples():
+        assert [m.text for m in parse_prompt(row.prompt)[-1].members] == [texts[i] for i in row.member_ids]
+
+
+def test_without_the_hmc_files_the_meme_text_column_must_be_named(tmp_path):
+    """hm_captions.parquet's `text` is a BLIP-2 description (equal to the meme text for a minority of memes):
+    never a silent stand-in. A column that holds the meme text, named with text_column, is used as given."""
+    from memefx.icl.prompts import PromptInputError, build_prompts
+
+    conf, caps = shared_file("confounders.parquet"), shared_file("hm_captions.parquet")
+    hmc = shared_file("hmc/dev_seen.jsonl").parent
+    for column, match in ((None, "no meme text: .*give --hmc DIR .* or --text_column=COLUMN"),
+                          ("text", "--text_column='text' is a BLIP-2 description of the image")):
+        with pytest.raises(PromptInputError, match=match):
+            build_prompts(conf, caps, text_column=column)
+    with pytest.raises(PromptInputError, match="--text_column: not used with --hmc"):
+        build_prompts(conf, caps, hmc=hmc, text_column="meme_text")
+    texts = pd.read_json(hmc / "dev_seen.jsonl", lines=True, dtype={"id": str}).set_index("id").text
+    table = pd.read_parquet(caps)
+    ids = table.image_id.astype(str).str.zfill(5)
+    assert (table.text[ids.isin(texts.index)] == ids[ids.isin(texts.index)].map(texts)).mean() < 0.5
+    table["meme_text"] = ids.map(texts).fillna(table.text)
+    table.to_parquet(tmp_path / "captions.parquet")
+    with pytest.warns(UserWarning, match="duplicate rows"):
+        named = build_prompts(conf, tmp_path / "captions.parquet", text_column="meme_text", shots=[0])
+    from_hmc = _real(shots=[0])
+    assert named.prompt.tolist() == from_hmc.prompt.tolist() and named.member_ids.tolist() == from_hmc.member_ids.tolist()
 
 
 def test_budget_drops_demonstrations_without_duplicates_and_per_meme_prompts(tmp_path):

@@ -87,6 +87,12 @@ def prompts(out: str, **options) -> str:
         if trimmed or table.attrs.get("not_repeated"):
             message += (f"; {trimmed} prompts hold fewer demonstrations than asked to fit the budget, "
                         f"{table.attrs.get('not_repeated', 0)} left out as repeats of a smaller shot count")
+    if "member_ids" in table and "few_shot_num" in table:
+        empty = [f"group {g}, {k}-shot" for g, k, ids in zip(table.group, table.few_shot_num, table.member_ids)
+                 if len(ids) == 0]
+        if empty:  # a published-layout target whose member lines are all listed under other groups
+            message += (f"; {len(empty)} prompts have no pair of their own ({'; '.join(empty[:5])}"
+                        f"{'; ...' if len(empty) > 5 else ''}): icl parse and icl table report and skip them")
     if "unmapped" in table:
         unmapped = sum(len(u) for u in table.unmapped if u is not None)
         message += f"; {int(table.rebuilt.sum())} rebuilt byte for byte, {unmapped} pairs not mapped to a meme"
@@ -148,12 +154,16 @@ def run(prompts: str, cache: str, out: str, engine: EngineConfig, mode: Literal[
 # ------------------------------------------------------------------------------------------------ parse, table
 def _pairs(answers: pd.DataFrame, column: str | None) -> tuple[pd.DataFrame, bool]:
     """Per-pair rows: a run's per-prompt output is expanded first (True when it was)."""
+    import warnings
+
     from memefx.icl.answers import expand_answers, is_run_output
 
     if answers.empty:
         raise UserError("answers table has no rows")
     if is_run_output(answers):
-        return expand_answers(answers, column or "generated_text"), True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # prompts without pairs: the command reports them in its output
+            return expand_answers(answers, column or "generated_text"), True
     return answers, False
 
 
@@ -168,12 +178,16 @@ def parse(answers: str, out: str, column: str | None = None) -> str:
     from memefx.icl.parse import parse_table
 
     table, expanded = _pairs(_read(answers), column)
+    no_pairs = table.attrs.get("no_pairs", [])
     parsed = parse_table(table, (column or "generated_text") if expanded else column)
     _write(parsed, out)
     hand = [c for c in ("is_functional", "is_formatted", "is_hateful") if c in parsed]
     agreement = {c: round(float((parsed[c] == parsed[f"parsed_{c}"]).mean()), 4) for c in hand}
-    return json.dumps({"rows": len(parsed), "parsed_functional": int(parsed.parsed_is_functional.sum()),
-                       "agreement_with_hand_labels": agreement})
+    report = {"rows": len(parsed), "parsed_functional": int(parsed.parsed_is_functional.sum()),
+              "agreement_with_hand_labels": agreement}
+    if no_pairs:  # prompts whose target has no pair give no row: counted and named, never dropped silently
+        report["prompts_without_pairs"] = no_pairs
+    return json.dumps(report)
 
 
 def table(answers: str, parsed: bool = False, json: bool = False) -> str:  # noqa: A002 - the flag's name
@@ -186,20 +200,26 @@ def table(answers: str, parsed: bool = False, json: bool = False) -> str:  # noq
     """
     import json as json_lib
 
+    from memefx.icl.answers import no_pairs_message
     from memefx.icl.metrics import shot_table
     from memefx.icl.parse import parse_table
 
     rows, expanded = _pairs(_read(answers), None)
+    no_pairs = rows.attrs.get("no_pairs", [])
     parsed = parsed or expanded
     if parsed and "parsed_is_functional" not in rows:
         rows = parse_table(rows, "generated_text" if expanded else None)
     result = shot_table(rows, parsed=parsed)
     if json:
+        if no_pairs:  # stdout stays one JSON document
+            print(f"memefx icl table: {no_pairs_message(no_pairs)}", file=sys.stderr)
         return json_lib.dumps(result, indent=2)
     lines = []
     for shot, r in result.items():
         h = r["is_hateful"]["all"]
         lines.append(f"{shot:>16}  n={r['n']:4d}  acc(is_hateful)={h['accuracy']:.3f}  ATE={h['ate']:.3f}")
+    if no_pairs:
+        lines.append(f"not counted: {no_pairs_message(no_pairs)}")
     return "\n".join(lines)
 
 
@@ -305,10 +325,10 @@ def main(argv: list[str]) -> int:
     types = {k: v for source in schema(name) for k, v in _option_types(source).items()} if name in commands() else {}
     parser = build_parser([name] if name in commands() else None)
     config = parser.parse_args([name, *_normalize(argv[1:], types)] if name in commands() else argv)
-    init = parser.instantiate(config)[name]
     func = commands()[name]
-    kwargs = {k: init[k] for source in schema(name) for k in inspect.signature(source).parameters}
     try:
+        init = parser.instantiate(config)[name]  # a dataclass refusing its values (EngineConfig) is a user error
+        kwargs = {k: init[k] for source in schema(name) for k in inspect.signature(source).parameters}
         message = func(**kwargs)
     except (UserError, ValueError, FileNotFoundError) as err:
         text = str(err).replace("\n", " ") or type(err).__name__

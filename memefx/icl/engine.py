@@ -39,31 +39,62 @@ class UserError(Exception):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Model and decoding settings.
+    """Model and decoding settings. Every field but ``model`` and ``batch_size`` enters the answer-cache key
+    (the model enters by its fingerprint), so a cached answer is never reused under other settings.
 
     Args:
         model: local folder of a Hugging Face causal LM, or a hub id already in the local HF cache
         dtype: weight and compute dtype
         quantize: bitsandbytes quantization of the linear layers (nf4 or int8), none by default
         batch_size: prompts per forward (results do not depend on it; it is not part of the cache key)
-        max_new_tokens: generated tokens per answer (generate mode)
+        max_new_tokens: generated tokens per answer at most (generate mode); None: only ``max_length`` limits
+        max_length: tokens per sequence at most, prompt included (BOS too when added), as transformers'
+            ``max_length``: an answer gets ``max_length`` minus its prompt's tokens (and at most
+            ``max_new_tokens``); None: no total limit. A prompt that leaves no room is an error
         do_sample: seeded sampling instead of greedy decoding
         temperature: sampling temperature
+        top_k: sample among the k most likely tokens only; 0 keeps every token (transformers' own
+            default is 50, which memefx used implicitly before it became a setting)
         top_p: nucleus sampling mass
         seed: base seed of sampled decoding (combined with each prompt's key)
-        add_bos: start every prompt with the tokenizer's BOS token when it has one (as Llama was trained)
+        add_bos: start every prompt with the tokenizer's BOS token when it has one (as Llama was trained;
+            the published pipeline tokenised its prompts without it)
     """
 
     model: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantize: Literal["nf4", "int8"] | None = None
     batch_size: int = 8
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = 64
+    max_length: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
+    top_k: int = 50
     top_p: float = 1.0
     seed: int = 0
     add_bos: bool = True
+
+    def __post_init__(self) -> None:
+        problems = [f"{name}={value!r} must be a positive integer" for name, value in
+                    (("max_new_tokens", self.max_new_tokens), ("max_length", self.max_length),
+                     ("batch_size", self.batch_size))
+                    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1)]
+        if self.max_new_tokens is None and self.max_length is None:
+            problems.append("max_new_tokens and max_length are both None: give at least one, or answers never end")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k={self.top_k!r} must be 0 (no cut) or a positive integer")
+        if not self.temperature > 0:
+            problems.append(f"temperature={self.temperature!r} must be > 0")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p!r} must be in (0, 1]")
+        if problems:
+            raise UserError("engine settings: " + "; ".join(problems))
+
+    def new_tokens(self, prompt_tokens: int) -> int:
+        """How many tokens an answer to a prompt of ``prompt_tokens`` tokens may have (both limits applied)."""
+        room = [n for n in (self.max_new_tokens,
+                            None if self.max_length is None else self.max_length - prompt_tokens) if n is not None]
+        return min(room)
 
 
 @dataclass
@@ -262,11 +293,24 @@ def score(model, tok, prompts: list[str], continuations: Sequence[str], add_bos:
 
 
 # -------------------------------------------------------------------------------------------------- generation
+def check_room(cfg: EngineConfig, lengths: Sequence[int], where: Callable[[int], str] = str) -> None:
+    """Refuse prompts that leave no room for an answer under ``max_length`` (``where(i)`` names prompt i),
+    before anything is generated: transformers would warn and still emit a token past the limit."""
+    full = [i for i, n in enumerate(lengths) if cfg.new_tokens(n) < 1]
+    if full:
+        i = full[0]
+        raise UserError(f"{len(full)} prompt(s) have no room for an answer under engine.max_length="
+                        f"{cfg.max_length}: {where(i)} has {lengths[i]} tokens; raise max_length or drop the "
+                        "longer prompts (the published run dropped prompts over 2,000 characters)")
+
+
 @torch.no_grad()
 def generate_ids(model, tok, prompts: Sequence[Sequence[int]], cfg: EngineConfig, keys: Sequence[str],
                  stats: EngineStats | None = None) -> list[str]:
     """Continuations of a batch of tokenized prompts. Greedy decoding is batched; sampled decoding runs one
-    prompt at a time with a seed derived from its cache key, so the text does not depend on the batch."""
+    prompt at a time with a seed derived from its cache key, so the text does not depend on the batch.
+    Each answer gets ``cfg.new_tokens(len(prompt))`` tokens at most, batched or not."""
+    check_room(cfg, [len(p) for p in prompts], lambda i: f"prompt {i} of the batch (key {keys[i][:12]})")
     if cfg.do_sample:
         out = []
         for prompt, key in zip(prompts, keys):
@@ -277,14 +321,21 @@ def generate_ids(model, tok, prompts: Sequence[Sequence[int]], cfg: EngineConfig
 
 
 def _generate(model, tok, prompts: Sequence[Sequence[int]], cfg: EngineConfig, stats: EngineStats | None) -> list[str]:
+    """One ``generate`` call over left-padded prompts. The sampling settings are passed explicitly, so the
+    model folder's generation_config.json cannot replace them (anything else it sets enters the cache key
+    with the model's fingerprint). A batch runs to its longest allowance and each row is cut to its own
+    (rows of a greedy batch are independent)."""
     ids, mask = _left_pad(prompts, tok.pad_token_id, model.device)
     _count(stats, mask)
     if stats is not None:
         stats.prompt_tokens += sum(len(p) for p in prompts)
-    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {"do_sample": False}
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+    room = [cfg.new_tokens(len(p)) for p in prompts]
+    sampling = ({"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+                if cfg.do_sample else {"do_sample": False})
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(room),
                          pad_token_id=tok.pad_token_id, **sampling)
-    return tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return tok.batch_decode([row[ids.shape[1]:ids.shape[1] + n] for row, n in zip(out, room)],
+                            skip_special_tokens=True)
 
 
 def generate(model, tok, prompts: list[str], cfg: EngineConfig, keys: list[str]) -> list[str]:
@@ -395,6 +446,8 @@ def run(prompts: pd.DataFrame, cfg: EngineConfig, cache: str | Path, mode: Liter
     texts = [prompts.prompt.iloc[first[k]] for k in todo]
     ids = [encode_prompt(tok, t, cfg.add_bos) for t in texts] if todo else []
     conts = [encode_continuations(tok, t, continuations) for t in texts] if todo and mode == "score" else []
+    if mode == "generate":  # every prompt checked before the first answer is written
+        check_room(cfg, [len(i) for i in ids], lambda i: f"prompt table row {prompts.index[first[todo[i]]]!r}")
     from rich.progress import track
 
     for batch in track(length_batches([len(i) for i in ids], cfg.batch_size),

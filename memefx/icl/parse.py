@@ -2,13 +2,15 @@
 
 The published study labeled answers by hand: per (prompt, pair) functional, formatted, hateful, sarcastic,
 benign. The parser reproduces those labels with a few readable rules; which of them are on, and the
-``formatted`` threshold, are the fields of ``Rules``. Their defaults are *chosen*, not tuned by eye: by
-cross-validation with folds grouped by target group (``benchmarks/parser_agreement.py`` chooses on some
-groups and reports agreement on the others; ``choose_rules`` on all groups gives the defaults below, and a
-test checks that it still does).
+``formatted`` threshold, are the fields of ``Rules``. The labelled answers are split by target group into a
+development part and a held-out part (``is_held_out``: a hash of the group id, fixed before any rule was
+chosen). The defaults of ``Rules`` are ``choose_rules`` on the development part (a test checks that they
+still are); rules added since the split were written looking at development answers only; the held-out
+part only scores them (``benchmarks/parser_heldout.py --held-out``, and a test). The reading patterns
+themselves predate the split: an earlier version wrote them against every labelled answer.
 
 Reading an answer:
-- the model's own reply: up to the point where it starts writing the next dialogue turn (``User:``);
+- the model's reply, role-played ``User:``/``System:`` turns included (``Rules.cut_turns`` stops at the first);
 - "All pairs are benign" before any named pair -> functional, every pair benign;
 - named pairs (``#k``, "pair k", "the first pair"; "#1 and #3" names both) with a label word near them ->
   functional; the named pairs get that label (hateful or sarcastic), every other pair is benign;
@@ -20,12 +22,15 @@ Never raises on a string, or on anything else.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import pandas as pd
+
+from memefx.icl.prompts import pairs_in_prompt
 
 FIELDS = ("functional", "formatted", "hateful", "sarcastic", "benign")
 
@@ -52,7 +57,8 @@ _LIST_LABEL = re.compile(r"\b(not hateful|not sarcastic|benign|hateful|sarcastic
 @dataclass(frozen=True)
 class Rules:
     """The parser's switches. Each is one way of reading an answer that the hand labels may or may not follow;
-    the defaults are the choice of ``choose_rules`` over every labeled group (see the module docstring).
+    the defaults are the choice of ``choose_rules`` on the development groups (see the module docstring): a
+    switch the development answers give no evidence for stays off (ties go to the simplest rule set).
 
     Attributes:
         opening: ``formatted`` when the verdict starts within this many characters of the reply.
@@ -69,13 +75,13 @@ class Rules:
         loose_benign: "the pairs are all benign", "none of them contain hateful ..." also say all are benign.
     """
 
-    opening: int = 120
-    cut_turns: bool = True
-    reply_after_user_turn: bool = True
+    opening: int = 100
+    cut_turns: bool = False
+    reply_after_user_turn: bool = False
     ignore_plans: bool = True
     reject_roleplay: bool = True
     per_pair_list: bool = True
-    out_of_range_functional: bool = True
+    out_of_range_functional: bool = False
     sarcasm_is_label: bool = False
     loose_benign: bool = True
 
@@ -129,6 +135,11 @@ def _sentence(text: str, pos: int) -> str:
     return text[start: min(ends) if ends else len(text)]
 
 
+def _blank_echo(text: str) -> str:
+    """The prompt's own "hateful or sarcastic" blanked out (same length): an echo of the task is no label."""
+    return _ECHO.sub(lambda m: " " * len(m.group(0)), text)
+
+
 def _first(pattern: re.Pattern, text: str, rules: Rules) -> re.Match | None:
     """First match that states a verdict, not a plan ("I will select the most likely pair ...")."""
     for match in pattern.finditer(text):
@@ -153,6 +164,8 @@ def _listing(text: str, rules: Rules) -> tuple[int, dict[int, str]] | None:
         if "image: '" in rest:  # a restated pair: only what follows its fields is the model's word
             rest = rest[rest.rfind("'") + 1:]
         label = _LIST_LABEL.search(rest)
+        if label is not None and not label.group(1).lower().startswith("not"):  # "not hateful or sarcastic": benign
+            label = _LIST_LABEL.search(_blank_echo(rest))  # "likelihood of being hateful or sarcastic: 0.8": none
         if label is None:
             continue
         word = label.group(1).lower()
@@ -197,7 +210,7 @@ def parse_answer(answer: object, n_pairs: int | None = None, rules: Rules = Rule
         named = [int(pair.group(1))] + [int(n) for n in _MORE.findall(pair.group(2) or "")]
     else:
         named = [_ORDINAL[pair.group(3).lower()]]
-    plain = _ECHO.sub(lambda m: " " * len(m.group(0)), text)  # the prompt's "hateful or sarcastic" is no label
+    plain = _blank_echo(text)
     label = _LABEL.search(plain, pair.end()) or _LABEL.search(plain)
     if label is None:
         return _NONE
@@ -205,17 +218,6 @@ def parse_answer(answer: object, n_pairs: int | None = None, rules: Rules = Rule
     if name is None:  # a label outside the asked two: the model answered, but names no valid verdict
         return Verdict(True, pair.start() - lead < rules.opening, (), False, pair.start() - lead)
     return verdict(pair.start(), {p: name for p in named})
-
-
-_PAIRS_IN_PROMPT = re.compile(r"Out of image-caption pairs #0 to #(\d+)")
-
-
-def pairs_in_prompt(prompt: object) -> int | None:
-    """Number of pairs the target block of a prompt asks about (it ends every prompt)."""
-    if not isinstance(prompt, str):
-        return None
-    found = _PAIRS_IN_PROMPT.findall(prompt)
-    return int(found[-1]) + 1 if found else None
 
 
 def _reply(answer: object, prompt: object) -> object:
@@ -269,6 +271,60 @@ def parse_table(answers: pd.DataFrame, column: str | None = None, rules: Rules =
     for name, values in verdict_columns(verdicts, out["ans_num"]).items():
         out[f"parsed_is_{name}"] = values
     out["parsed_is_hateful_or_sarcastic"] = (out.parsed_is_hateful | out.parsed_is_sarcastic).astype(int)
+    return out
+
+
+# --------------------------------------------------------------------- development and held-out hand labels
+HOLDOUT_SALT = "memefx-parser-holdout:"
+
+
+def _group_key(group: object) -> str:
+    """A target group id as memefx writes it: 5 digits (the published file writes 1456 for 01456)."""
+    if isinstance(group, float) and group.is_integer():
+        group = int(group)
+    text = str(group).strip()
+    return text.zfill(5) if text.isdigit() else text
+
+
+def is_held_out(group: object) -> bool:
+    """Whether a labelled target group belongs to the held-out part of the hand labels.
+
+    Fixed before any rule was chosen or written, by the group id alone: SHA-256 of ``HOLDOUT_SALT`` + the
+    5-digit id, its first 8 hex digits as an integer, modulo 3 == 0 -> held out. On ``llm_answers.csv``:
+    31 of 65 groups, 329 of 681 rows (the first rule written down, kept although it holds out more than a
+    third). A new labelled group falls on one side by the same rule, whatever else the file holds."""
+    digest = hashlib.sha256((HOLDOUT_SALT + _group_key(group)).encode()).hexdigest()
+    return int(digest[:8], 16) % 3 == 0
+
+
+def split_labelled(answers: pd.DataFrame, group_column: str = "image_id") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(development, held-out) rows of a hand-labelled answer table, split by target group (``is_held_out``).
+
+    Rules are written and chosen on the development part only; the held-out part only scores them."""
+    held = answers[group_column].map(is_held_out).astype(bool)
+    return answers[~held], answers[held]
+
+
+def parser_inputs(answers: pd.DataFrame, column: str | None = None) -> pd.DataFrame:
+    """Per row, what the parser reads: ``reply`` (the answer after its echoed prompt), ``n_pairs`` (member
+    lines of the prompt's target block) and ``pair`` (``ans_num``). Rows equal here get the same verdict."""
+    column = column or ("extracted_info" if "extracted_info" in answers else "generated_text")
+    prompts = answers["prompt"] if "prompt" in answers else pd.Series([None] * len(answers), index=answers.index)
+    replies = [r if isinstance(r, str) else "" for r in map(_reply, answers[column], prompts)]
+    return pd.DataFrame({"reply": replies, "n_pairs": [pairs_in_prompt(p) for p in prompts],
+                         "pair": answers["ans_num"].to_numpy()}, index=answers.index)
+
+
+def label_ceiling(answers: pd.DataFrame, keys: pd.DataFrame) -> dict[str, tuple[int, float]]:
+    """Per field: (number of distinct ``keys`` whose rows carry different hand labels, the highest agreement
+    any function of ``keys`` can reach: each key's majority label, over all rows)."""
+    out = {}
+    for f in FIELDS:
+        labels = answers[f"is_{f}"].astype(int)
+        grouped = labels.groupby([keys[c] for c in keys.columns], dropna=False)
+        clashes = int((grouped.nunique() > 1).sum())
+        best = int(grouped.agg(lambda v: v.value_counts().iloc[0]).sum())
+        out[f] = (clashes, best / len(answers) if len(answers) else float("nan"))
     return out
 
 

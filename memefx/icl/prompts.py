@@ -89,14 +89,18 @@ def render(blocks: Sequence[Block]) -> str:
 
 
 def parse_prompt(prompt: str) -> list[Block]:
-    """Prompt text -> blocks (members and demonstration answers): the inverse of ``render``."""
-    chunks = re.split(r"(?:^|\n\n)User:(?: Out of image-caption pairs #0 to #\d+, select.*?'All pairs are benign'\.)?\n",
+    """Prompt text -> blocks (members and demonstration answers): the inverse of ``render``.
+
+    The header's "#0 to #N" is not read: the published procedure derives N from the '#' characters of the
+    zero-shot prompt, so a meme text holding '#' raises it, and a target that lost every member to other
+    groups gets "#0 to #-1" over an empty block (parsed as a block with no members)."""
+    chunks = re.split(r"(?:^|\n\n)User:(?: Out of image-caption pairs #0 to #-?\d+, select.*?'All pairs are benign'\.)?\n",
                       prompt, flags=re.S)
     blocks = []
     for chunk in (c for c in chunks if c):
         body, _, answer = chunk.partition("\nSystem:")
         members = []
-        for line in body.split("\n"):
+        for line in body.split("\n") if body else ():
             match = _LINE.match(line)
             if not match:
                 raise ValueError(f"prompt line is not a pair: {line[:80]!r}")
@@ -104,6 +108,20 @@ def parse_prompt(prompt: str) -> list[Block]:
         answer = answer.strip("\n") or None
         blocks.append(Block(tuple(members), answer))
     return blocks
+
+
+def pairs_in_prompt(prompt: object) -> int | None:
+    """Number of pairs the target block of a prompt lists (the block that ends every prompt): its ``#k:``
+    member lines, counted by ``parse_prompt``. The header's "#0 to #N" is no count: the
+    published procedure takes N from the '#' characters of the zero-shot prompt, so a meme text holding '#'
+    inflates it. None for what is no pair-selection prompt."""
+    if not isinstance(prompt, str):
+        return None
+    try:
+        blocks = parse_prompt(prompt)
+    except ValueError:
+        return None
+    return len(blocks[-1].members) if blocks else None
 
 
 def meme_prompt(text: str, description: str) -> tuple[str, tuple[str, str]]:
@@ -178,7 +196,7 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
                   kind: Literal["shared_image", "shared_text"] | None = None, from_published: str | Path | None = None,
                   shots: Sequence[int] = (0, 1, 2, 3, 4), seed: int | None = None, char_cap: int | None = None,
                   budget: int | None = None, tokenizer: str | None = None, per_meme: bool = False,
-                  text_column: str = "text", description_column: str = "text_captioned") -> pd.DataFrame:
+                  text_column: str | None = None, description_column: str = "text_captioned") -> pd.DataFrame:
     """The prompt table of ``memefx icl prompts``: every way of making prompts behind one signature.
 
     Args:
@@ -189,7 +207,7 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
             layout also follows its row order, as the authors' script did.
         hmc: HMC folder; its ``<split>.jsonl`` gives each meme's overlaid text and label (the published
             layout takes labels from the confounder table, as the authors did). Without it (memefx layout
-            only) the caption table's ``text_column`` stands in for the meme text.
+            only) the meme text comes from the caption-table column ``text_column``, which must be given.
         split: the split whose memes are prompted.
         layout: ``memefx`` (one kind of stratum, members sorted by id, seeded per-target sampler, optional
             token budget) or ``published`` (the authors' procedure, byte for byte on any split and seed: both
@@ -205,7 +223,9 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
         budget: memefx layout: token budget per prompt (needs ``tokenizer``); demonstrations are dropped to fit.
         tokenizer: local tokenizer folder measuring ``budget``.
         per_meme: one per-meme prompt (``id, group, label, prompt``) per stratum member (both kinds) instead.
-        text_column, description_column: caption-table columns (meme-text stand-in, description).
+        text_column: without ``hmc``: the caption-table column holding each meme's overlaid text (no default:
+            the BLIP-2 columns of ``hm_captions.parquet``, ``text`` included, describe the image and are refused).
+        description_column: caption-table column giving each image's description.
 
     Every table has ``group, few_shot_num, prompt, member_ids, member_labels`` (per-meme: ``id, group,
     label, prompt``); the published layout adds ``group_dir`` (the authors' folder name of the target);
@@ -230,7 +250,16 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
                                "leave out what does not apply")
     if captions is None:
         raise PromptInputError("--captions (the caption table with image descriptions) is required")
-    caption_table = read_captions(captions)
+    if hmc is not None and text_column is not None:
+        raise PromptInputError("--text_column: not used with --hmc (the HMC files give the meme text); leave one out")
+    if hmc is None and not (from_published is not None or layout == "published"):
+        from memefx.data.tables import check_meme_text_column
+
+        try:
+            check_meme_text_column(text_column, captions, "--text_column", "--hmc DIR")
+        except ValueError as err:
+            raise PromptInputError(str(err)) from None
+    caption_table = read_captions(captions, None if text_column is None else (text_column, description_column))
     if description_column not in caption_table:
         raise PromptInputError(f"{captions}: no column {description_column!r} (has {list(caption_table.columns)})")
     descriptions = dict(zip(caption_table.image_id, caption_table[description_column]))
