@@ -43,9 +43,17 @@ def test_caption_mode_pairs_description_as_image_segment(tiny_root):
     assert "background" in tokens
 
 
-def test_tables_only_mode_on_real_data():
+def test_tables_only_mode_on_real_data(tmp_path):
+    """Table-only mode reads the meme text from the column named for it: here the HMC text joined onto the
+    caption table as ``meme_text``."""
     conf, caps = shared_file("confounders.parquet"), shared_file("hm_captions.parquet")
-    dm = MemeDataModule(confounders=str(conf), captions=str(caps), image_side="caption", batch_size=4)
+    hmc = shared_file("hmc/dev_seen.jsonl").parent
+    texts = pd.concat([pd.read_json(hmc / f"{s}.jsonl", lines=True, dtype={"id": str}) for s in ("train", "dev_seen")])
+    table = pd.read_parquet(caps)
+    table["meme_text"] = table.image_id.astype(str).str.zfill(5).map(dict(zip(texts.id, texts.text)))
+    table.dropna(subset=["meme_text"]).to_parquet(tmp_path / "captions.parquet")
+    dm = MemeDataModule(confounders=str(conf), captions=str(tmp_path / "captions.parquet"), image_side="caption",
+                        text_column="meme_text", batch_size=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dm.setup("validate")
@@ -53,11 +61,24 @@ def test_tables_only_mode_on_real_data():
     batch = next(iter(dm.val_dataloader()))
     assert batch["labels"].tolist() == dm.frames["dev_seen"].label.tolist()[:4]
     assert (dm.frames["dev_seen"].stratum_image >= 0).any()
+    dev = pd.read_json(hmc / "dev_seen.jsonl", lines=True, dtype={"id": str}).set_index("id").text
+    assert (dm.frames["dev_seen"].text == dm.frames["dev_seen"].id.map(dev)).all()  # the meme's own words
 
 
 def test_tables_only_needs_caption_mode():
     with pytest.raises(ValueError, match="table-only data"):
         MemeDataModule(confounders="c.parquet", captions="h.parquet", image_side="pixels")
+
+
+@pytest.mark.parametrize("column,match", [(None, "no meme text: without an HMC folder"),
+                                          ("text", "data.text_column='text' is a BLIP-2 description of the image"),
+                                          ("text_detailed", "'text_detailed' is a BLIP-2 description")])
+def test_tables_only_refuses_a_description_as_the_meme_text(column, match):
+    """hm_captions.parquet's `text` column describes the image (it equals the meme text for ~1 meme in 5):
+    table-only mode needs an HMC folder or a column that holds the meme text, and says how to give either."""
+    with pytest.raises(ValueError, match=match) as err:
+        MemeDataModule(confounders="c.parquet", captions="h.parquet", image_side="caption", text_column=column)
+    assert "data.root=HMC_DIR" in str(err.value) and "data.text_column=COLUMN" in str(err.value)
 
 
 def test_synthetic_default_is_written_once_and_reused():

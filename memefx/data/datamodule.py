@@ -14,18 +14,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from memefx.data.cache import default_cache_dir
+from memefx.data.carve import carve_validation
 from memefx.data.collate import MemeCollator, check_max_length, load_tokenizer, train_wordpiece
 from memefx.data.hmc import UNLABELED, HMCFormatError, leakage, leakage_message, load_image, read_hmc
 from memefx.data.regions import open_regions
 from memefx.data.strata import KINDS, stratum_lookup
+from memefx.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from memefx.data.synthetic import SyntheticConfig, write_synthetic
-from memefx.data.tables import check_confounders_cover, descriptions_for, read_captions, read_confounders
-
-
-def default_cache_dir() -> Path:
-    """Where the synthetic default is written: ``$MEMEFX_CACHE`` or ``~/.cache/memefx``."""
-    return Path(os.environ.get("MEMEFX_CACHE", Path.home() / ".cache" / "memefx"))
-
+from memefx.data.tables import (
+    check_confounders_cover,
+    check_meme_text_column,
+    descriptions_for,
+    read_captions,
+    read_confounders,
+)
 
 ROLES = ("train", "val", "test", "predict")
 
@@ -130,19 +133,26 @@ class MemeDataModule(L.LightningDataModule):
     Args:
         root: HMC-layout folder. ``None`` with no ``confounders`` table: the synthetic default, written
             once to the cache from ``synthetic`` settings. ``None`` with ``confounders`` and ``captions``:
-            table-only data (meme text from ``text_column``, image side from ``caption_column``).
+            table-only data (meme text from ``text_column``, which must then be given, image side from
+            ``caption_column``).
         confounders: confounder table (default ``<root>/confounders.parquet`` when present).
         captions: caption table (default ``<root>/hm_captions.parquet`` when present); only ``image_id``
             and the columns in use are required. No image file is opened in caption mode.
         train_split: split trained on; it must be labeled (an unlabeled file here is an error).
-        val_split: split validated on every epoch.
+        val_split: split validated on every epoch (``None``: dev_seen, or the carved split with
+            ``val_from_train``).
+        val_from_train: carve this fraction of the training split off as the validation split (named
+            ``<train_split>_heldout``), whole confounder groups at a time and seeded by
+            ``val_from_train_seed``, so that checkpoint and option selection never read an evaluation split.
         test_split, predict_split: one split or a list (one DataLoader per split, in this order; every
             batch carries ``batch["split"]``). Unlabeled splits (test files without labels) are read with
             label -1.
         image_side: ``pixels`` (images through the image transform), ``caption`` (the description as
             the second segment of a text pair) or ``regions`` (precomputed features, see ``region_features``).
         caption_column: description variant used in caption mode.
-        text_column: caption-table column used as meme text in table-only mode.
+        text_column: table-only mode: the caption-table column that holds each meme's overlaid text. No
+            default: the BLIP-2 columns of ``hm_captions.parquet`` (``text`` included) describe the image and
+            are refused (``text`` equals the meme text for about 1 meme in 5).
         tokenizer: local path of a fast tokenizer; ``None`` trains a WordPiece on the train texts.
         vocab_size: vocabulary of the trained tokenizer (must fit the backbone's embedding table).
         max_length: token budget of the text side (text plus description in caption mode).
@@ -166,12 +176,12 @@ class MemeDataModule(L.LightningDataModule):
         confounders: str | None = None,
         captions: str | None = None,
         train_split: str = "train",
-        val_split: str = "dev_seen",
+        val_split: str | None = None,
         test_split: str | list[str] = "test_seen",
         predict_split: str | list[str] = "test_seen",
         image_side: Literal["pixels", "caption", "regions"] = "pixels",
         caption_column: str = "text_captioned",
-        text_column: str = "text",
+        text_column: str | None = None,
         tokenizer: str | None = None,
         vocab_size: int = 4096,
         max_length: int = 48,
@@ -185,14 +195,22 @@ class MemeDataModule(L.LightningDataModule):
         region_count: int | None = None,
         synthetic: dict | None = None,
         shuffle_seed: int = 0,
+        val_from_train: float | None = None,
+        val_from_train_seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.tables_only = root is None and confounders is not None
         if self.tables_only and (captions is None or image_side != "caption"):
             raise ValueError("table-only data (no root) needs captions=... and image_side='caption'")
+        if self.tables_only:
+            check_meme_text_column(text_column, captions)
         if tags_file and image_side == "caption":
             raise ValueError("tags_file and image_side='caption' both fill the second text segment: choose one")
+        if val_from_train is not None and val_split is not None:
+            raise ValueError(f"data.val_split={val_split!r} and data.val_from_train={val_from_train!r} both name the "
+                             "validation split: choose one")
+        self.carved: dict | None = None  # the record of the carved validation split (provenance)
         if (image_side == "regions") != bool(region_features):
             raise ValueError("image_side='regions' and region_features=FOLDER go together")
         self.synthetic_config = SyntheticConfig(**(synthetic or {})) if root is None and not self.tables_only else None
@@ -224,12 +242,53 @@ class MemeDataModule(L.LightningDataModule):
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}: expected one of {ROLES}")
         given = self.hparams[f"{role}_split"]
+        if role == "val" and self.hparams.get("val_from_train") is not None:
+            given = self.heldout_split
+        elif role == "val" and given is None:
+            given = "dev_seen"
         names = [given] if isinstance(given, str) else list(given)
         if not names or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"data.{role}_split must be a split name or a non-empty list of names, got {given!r}")
         if len(set(names)) != len(names):
             raise ValueError(f"data.{role}_split lists a split twice: {names}")
         return names
+
+    def check_splits(self, roles: tuple[str, ...] = ROLES) -> None:
+        """Every split name of these roles is valid and has its data, before anything trains.
+
+        ``memefx fit`` calls it for the splits it will read (the test splits too with ``test_after_fit``), so an
+        unknown, empty or repeated ``--data.test_split`` entry stops the command at once instead of after the
+        whole fit. The carved ``<train_split>_heldout`` split needs no file.
+        """
+        for role in roles:
+            for split in self.eval_splits(role):  # an empty or repeated entry is an error here
+                if role == "val" and self.hparams.get("val_from_train") is not None:
+                    continue
+                self._check_split_exists(role, split)
+
+    def _check_split_exists(self, role: str, split: str) -> None:
+        if self.tables_only:
+            splits = set(read_confounders(self.hparams.confounders).split.unique())
+            if split not in splits:
+                raise HMCFormatError(f"data.{role}_split {split!r}: {self.hparams.confounders} has no rows for it "
+                                     f"(splits: {sorted(splits)})")
+            return
+        if self.synthetic_config is not None and not (self.root / "synthetic.json").is_file():
+            if split not in SYNTHETIC_SPLITS:  # not written yet: its splits are known
+                raise HMCFormatError(f"data.{role}_split {split!r}: the synthetic dataset has the splits {list(SYNTHETIC_SPLITS)}")
+            return
+        if self.root is None or not self.root.is_dir():
+            raise HMCFormatError(f"data root {self.root} is not a folder (set --data.root to an HMC folder)")
+        path = self.root / f"{split}.jsonl"
+        if not path.is_file():
+            present = sorted(p.stem for p in self.root.glob("*.jsonl"))
+            raise HMCFormatError(f"data.{role}_split {split!r}: {path} not found (splits in {self.root}: "
+                                 f"{present or 'none'})")
+
+    @property
+    def heldout_split(self) -> str:
+        """Name of the validation split carved from the training split (``val_from_train``)."""
+        return f"{self.hparams.train_split}_heldout"
 
     @property
     def split_names(self) -> dict[str, str]:
@@ -269,9 +328,14 @@ class MemeDataModule(L.LightningDataModule):
         roles = wanted.get(stage, ["train", "val", "test"])
         names = {n for r in roles for n in self.eval_splits(r)}
         train = self.hparams.train_split
+        carving = self.heldout_split in names and self.heldout_split not in self.frames
+        names.discard(self.heldout_split)  # carved from the training split, never read from a file
+        if carving:
+            self.frames.pop(train, None)  # carve from the whole file
         # the training split: trained on, trains the tokenizer, or (when present) checked for leakage only;
         # a folder holding only the split to evaluate is enough with a given tokenizer
-        if "train" in roles or not self.hparams.tokenizer or self.tables_only or (self.root / f"{train}.jsonl").is_file():
+        if ("train" in roles or carving or not self.hparams.tokenizer or self.tables_only
+                or (self.root / f"{train}.jsonl").is_file()):
             names.add(train)
         names = sorted(names)
         frames = self._load([n for n in names if n not in self.frames])
@@ -287,6 +351,8 @@ class MemeDataModule(L.LightningDataModule):
                 tags = pd.read_parquet(self._under_root(self.hparams.tags_file))
                 frame["tags"] = frame.id.map(dict(zip(tags.id.astype(str).str.zfill(5), tags.tags))).fillna("")
             self.frames[split] = frame
+        if carving:
+            self._carve(conf)
         if "train" in roles:
             self._check_trainable()
         self._warn_leakage(list(frames))
@@ -305,6 +371,15 @@ class MemeDataModule(L.LightningDataModule):
                                                self._descriptions(split), regions)
             self.split_datasets[role] = per_split
             self.datasets[role] = next(iter(per_split.values()))
+
+    def _carve(self, conf: pd.DataFrame | None) -> None:
+        """Split the loaded training frame into training memes and the carved validation split."""
+        train = self.hparams.train_split
+        frame = self.frames[train]
+        held, self.carved = carve_validation(frame.id, conf, train, self.hparams.val_from_train,
+                                             self.hparams.val_from_train_seed)
+        self.frames[self.heldout_split] = frame[held].assign(split=self.heldout_split).reset_index(drop=True)
+        self.frames[train] = frame[~held].reset_index(drop=True)
 
     @property
     def _pair_mode(self) -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from memefx.data.cache import default_cache_dir
 from memefx.data.hmc import HMCFormatError, _listing
 
 FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes",
@@ -105,8 +106,6 @@ def build_index(path: str | Path) -> dict[str, Entry]:
 
 
 def _cache_file(path: Path) -> Path:
-    from memefx.data.datamodule import default_cache_dir
-
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:20]
     return default_cache_dir() / "region_index" / f"{digest}.json"
 

@@ -81,6 +81,25 @@ def read_captions(path: str | Path, columns: tuple[str, ...] | list[str] | None 
     return _dedupe(frame, ["image_id"], path)
 
 
+DESCRIPTION_COLUMNS = CAPTION_COLUMNS[1:]  # every BLIP-2 variant describes the image, ``text`` included
+
+
+def check_meme_text_column(column: str | None, captions: str | Path | None, flag: str = "data.text_column",
+                           folder: str = "data.root=HMC_DIR") -> None:
+    """Refuse to take the meme's overlaid text from a caption table unless a column that holds it is named.
+
+    The ``text`` column of ``hm_captions.parquet`` is a BLIP-2 description of the image, not the meme text
+    (the two are equal for about 1 meme in 5): reading it as the meme text silently pairs a description
+    with a description. ``flag``/``folder`` name the options of the caller (the datamodule, ``icl prompts``)."""
+    how = (f"give {folder} (the HMC jsonl files hold each meme's text) or {flag}=COLUMN naming a column of "
+           f"{captions or 'the caption table'} that holds the meme's overlaid text")
+    if column is None:
+        raise ValueError(f"no meme text: without an HMC folder the meme text must come from a table column; {how}")
+    if column in DESCRIPTION_COLUMNS:
+        raise ValueError(f"{flag}={column!r} is a BLIP-2 description of the image in the caption-table layout "
+                         f"({', '.join(DESCRIPTION_COLUMNS)}), not the meme's overlaid text; {how}")
+
+
 def check_confounders_cover(confounders: pd.DataFrame, memes: pd.DataFrame, path: str | Path) -> None:
     """Fail when the table lists, for a split that was loaded, ids that the data does not have."""
     loaded = confounders[confounders.split.isin(memes.split.unique())]

@@ -9,11 +9,11 @@ from __future__ import annotations
 from torch import nn
 
 from memefx.models.backbones.base import Backbone, BackboneOutput
-from memefx.models.backbones.encoder import attention_path, bert_encoder
+from memefx.models.backbones.encoder import attention_path, bert_encoder, check_pooling, pool
 
 
 class CaptionPairBackbone(Backbone):
-    """``[CLS] meme text [SEP] description [SEP]`` through a BERT-style encoder, [CLS] -> 2 logits.
+    """``[CLS] meme text [SEP] description [SEP]`` through a BERT-style encoder, [CLS] (or mean) -> 2 logits.
 
     Args:
         pretrained: local folder of an HF encoder, or ``minilm`` for the packaged MiniLM; ``None`` builds
@@ -22,6 +22,8 @@ class CaptionPairBackbone(Backbone):
             the random encoder's shape.
         attn_implementation: attention of forwards that capture nothing (``sdpa``, or ``eager``);
             forwards asked for attentions always run eager.
+        pooling: what the linear head reads: the [CLS] state (``cls``) or the mean over the non-padding
+            tokens (``mean``: how sentence encoders such as the packaged MiniLM were trained to be read).
     """
 
     def __init__(
@@ -35,8 +37,10 @@ class CaptionPairBackbone(Backbone):
         max_position: int = 256,
         dropout: float = 0.1,
         attn_implementation: str = "sdpa",
+        pooling: str = "cls",
     ):
         super().__init__()
+        self.pooling = check_pooling(pooling)
         self.encoder = bert_encoder(pretrained, vocab_size, hidden_size, num_layers, num_heads, intermediate_size,
                                     max_position, dropout, attn_implementation)
         cfg = self.encoder.config
@@ -48,5 +52,5 @@ class CaptionPairBackbone(Backbone):
         with attention_path(self.encoder.config, output_attentions):
             out = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                output_attentions=output_attentions, return_dict=True, **kwargs)
-        cls = out.last_hidden_state[:, 0]
-        return BackboneOutput(self.head(cls), batch["segments"], tuple(out.attentions) if output_attentions else None)
+        summary = pool(out.last_hidden_state, batch["attention_mask"], self.pooling)
+        return BackboneOutput(self.head(summary), batch["segments"], tuple(out.attentions) if output_attentions else None)

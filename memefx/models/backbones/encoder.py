@@ -11,12 +11,29 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 from transformers import AutoModel, BertConfig, BertModel
 
 from memefx.pretrained import minilm_path
 
 ATTENTION_PATHS = ("sdpa", "eager")
+POOLINGS = ("cls", "mean")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """The sequence summary the classifier reads: the [CLS] state (``cls``) or the mean of the states of the
+    non-padding positions (``mean``, as sentence-transformers encoders are trained to be read)."""
+    if how == "cls":
+        return hidden[:, 0]
+    weights = mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def check_pooling(how: str) -> str:
+    if how not in POOLINGS:
+        raise ValueError(f"pooling={how!r}: expected one of {POOLINGS}")
+    return how
 
 
 def check_attention_path(name: str) -> str:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from memefx.models.backbones.base import Backbone, BackboneOutput, ImageEncoder
-from memefx.models.backbones.encoder import attention_path, bert_encoder
+from memefx.models.backbones.encoder import attention_path, bert_encoder, check_pooling, pool
 from memefx.schema import IMAGE, PAD
 
 
@@ -45,6 +45,8 @@ class SingleStreamBackbone(Backbone):
         use_tags: expect object tags as the second text segment (OSCAR).
         attn_implementation: attention of forwards that capture nothing (``sdpa``, or ``eager``);
             forwards asked for attentions always run eager.
+        pooling: what the linear head reads: the [CLS] state (``cls``) or the mean over the non-padding
+            text and visual tokens (``mean``).
     """
 
     def __init__(
@@ -66,8 +68,10 @@ class SingleStreamBackbone(Backbone):
         image_encoder_args: dict | None = None,
         use_tags: bool = False,
         attn_implementation: str = "sdpa",
+        pooling: str = "cls",
     ):
         super().__init__()
+        self.pooling = check_pooling(pooling)
         if visual not in ("pixels", "regions"):
             raise ValueError(f"visual={visual!r}: expected 'pixels' or 'regions'")
         self.encoder = bert_encoder(pretrained, vocab_size, hidden_size, num_layers, num_heads, intermediate_size,
@@ -111,5 +115,5 @@ class SingleStreamBackbone(Backbone):
             out = self.encoder(inputs_embeds=embeds, token_type_ids=token_types, position_ids=positions,
                                attention_mask=mask, output_attentions=output_attentions, return_dict=True)
         segments = torch.cat([batch["segments"], torch.where(visual_mask.bool(), IMAGE, PAD).to(batch["segments"].dtype)], dim=1)
-        return BackboneOutput(self.head(out.last_hidden_state[:, 0]), segments,
+        return BackboneOutput(self.head(pool(out.last_hidden_state, mask, self.pooling)), segments,
                               tuple(out.attentions) if output_attentions else None)
