@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from memefx.icl.engine import UserError
-from memefx.icl.prompts import pairs_in_prompt
+from memefx.icl.grammar import pairs_in_prompt
 
 REQUIRED = ("group", "few_shot_num", "prompt", "member_ids", "generated_text")
 LIST_COLUMNS = ("member_ids", "member_labels", "gold_labels")

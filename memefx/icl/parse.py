@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields, replace
 
 import pandas as pd
 
-from memefx.icl.prompts import pairs_in_prompt
+from memefx.icl.grammar import pairs_in_prompt
 
 FIELDS = ("functional", "formatted", "hateful", "sarcastic", "benign")
 

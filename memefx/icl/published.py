@@ -52,17 +52,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memefx.icl.npsort import argsort_numpy123
-from memefx.icl.prompts import (
+from memefx.icl.grammar import (
     INSTRUCTION,
     Block,
     Member,
     PromptInputError,
-    clean_field,
     gold_answer,
+    member_line,
     parse_prompt,
     render,
 )
+from memefx.icl.npsort import argsort_numpy123
 from memefx.schema import KIND_COLUMN
 
 PUBLISHED_SEED = 1987
@@ -70,11 +70,6 @@ PUBLISHED_CHAR_CAP = 2000
 PUBLISHED_SHOTS = (0, 1, 2, 3, 4)
 TARGET_RANK = 99999  # the authors' sort key of the target group: after every drawn rank
 _KINDS = ("shared_image", "shared_text")  # the authors' order: image groups first, then text groups
-
-
-def member_line(text: str, description: str) -> str:
-    """A member as the prompt writes it after ``#k: `` (the key that maps a published pair to its meme)."""
-    return f"caption: '{clean_field(text)}', image: '{clean_field(description)}'"
 
 
 def _check_fields(ids: Sequence[str], texts: Mapping[str, object], descriptions: Mapping[str, object],
