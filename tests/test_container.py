@@ -44,7 +44,7 @@ MAKEFILE = (ROOT / "Makefile").read_text()
 def test_make_install_lines_are_found():
     lines = make_install_lines(MAKEFILE)
     assert lines == ["python -m pip install -c constraints.txt torch==2.14.1 torchvision==0.29.1",
-                     "python -m pip install -c constraints.txt -e '.[wandb,minilm,quant,dev]'",
+                     "python -m pip install -c constraints.txt -e '.[wandb,minilm,quant,dev,lightgbm]'",
                      "python scripts/check_install.py"]
 
 

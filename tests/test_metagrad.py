@@ -1,5 +1,6 @@
 """Meta-gradient: dual-form exactness, exact attention mass, demonstration spans known character by
-character, the published per-token form, and an analysis that separates features from prompt layout."""
+character, and an analysis that separates features from prompt layout (the published form has its own
+known-answer tests in test_metagrad_published.py)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,7 @@ from memefx.icl.metagrad import (
     demo_char_groups,
     demo_groups,
     dual_form,
-    published_vectors,
     span_labels,
-    tail_aligned,
     target_spans,
 )
 from memefx.icl.prompts import INSTRUCTION, Member, gold_answer, pair_prompt, parse_prompt
@@ -173,22 +172,6 @@ def test_demonstration_spans_on_real_prompts_decode_to_their_gold_answers():
     assert checked == len(prompts) >= 180  # every 1- to 4-shot prompt of the shared answers
 
 
-def test_published_vectors_of_a_hand_built_map_and_tail_alignment():
-    labels = torch.tensor([OTHER, CAPTION, CAPTION, IMAGE, IMAGE])
-    att = torch.zeros(2, 5, 5)
-    att[0, 1] = torch.tensor([0.0, 0.5, 0.25, 0.25, 0.0])
-    att[1, 1] = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
-    att[0, 2] = torch.tensor([0.5, 0.0, 0.5, 0.0, 0.0])
-    att[0, 3] = torch.tensor([0.0, 0.1, 0.1, 0.8, 0.0])
-    att[1, 4] = torch.tensor([0.0, 0.3, 0.0, 0.4, 0.3])
-    vec = published_vectors(att, labels)
-    assert torch.allclose(vec["caption_caption"], torch.tensor([0.75 + 0.4, 0.5]))  # heads summed
-    assert torch.allclose(vec["image_image"], torch.tensor([0.8, 0.7]))
-    assert torch.allclose(vec["cross"], torch.tensor([0.25 + 0.4, 0.0, 0.2, 0.3]))  # zero kept
-    zero, delta = tail_aligned(torch.tensor([9.0, 1.0, 2.0, 3.0]), torch.tensor([0.5, 1.0, 1.0]))
-    assert zero.tolist() == [0.5, 1.0, 1.0] and delta.tolist() == [0.5, 1.0, 2.0]  # aligned from the end
-
-
 def _tiny_llama(tmp_path):
     from tests.test_engine import _save_llama
 
@@ -217,38 +200,41 @@ def test_hook_features_equal_an_unhooked_computation(tmp_path):
     assert feats["L1_H0_dual_demo_text"] > 0  # a one-shot prompt has demonstration keys
     assert feats["L1_H0_dual_demo_answer"] > 0  # its (last and only) demonstration's answer is labelled
 
-    from memefx.icl.metagrad_features import prompt_record
 
-    record = prompt_record(model, tok, prompt, features="published")
-    for layer, att in enumerate(maps):
-        expected = published_vectors(att[0].float(), labels)
-        for kind, vector in record["published"][layer].items():
-            assert torch.allclose(vector, expected[kind], atol=1e-6)
-
-
-@pytest.mark.slow  # about 35 s
+@pytest.mark.slow  # about 55 s
 def test_run_metagrad_end_to_end_on_tiny_llama_both_forms(tmp_path):
+    import importlib.util
+
     from memefx.icl.metagrad_report import run_metagrad
 
+    has_extra = all(importlib.util.find_spec(m) for m in ("lightgbm", "optuna"))
     path = _tiny_llama(tmp_path)
     out = run_metagrad(shared_file("llm_answers.csv"), path, tmp_path / "mg", max_groups=5, features="both",
-                       tail=4, n_bootstrap=20)
+                       published_protocol=has_extra, n_bootstrap=20)
     features = pd.read_parquet(out / "features.parquet")
     assert features.groupby("image_id").few_shot_num.nunique().max() > 1
-    assert {"L0_H0_caption_caption_zs", "L1_H3_cross_delta", "L0_H0_dual_demo_answer", "L1_P_cross_t4_delta",
-            "L0_P_image_image_mean_zs", "layout_prompt_tokens", "layout_pairs"} <= set(features.columns)
+    assert {"L0_H0_caption_caption_zs", "L1_H3_cross_delta", "L0_H0_dual_demo_answer", "L0_P_cross_p0_delta",
+            "L0_P_image_image_p171_zs", "layout_prompt_tokens", "layout_pairs"} <= set(features.columns)
+    published = [c for c in features.columns if "_P_" in c]
+    assert len(published) == 968 and not any(c.startswith("L1_P_") for c in published)  # layer 0 only
     zero = features[features.few_shot_num == 0]
-    assert (zero.filter(like="_delta") == 0).all().all()  # zero-shot rows have no delta, in both forms
+    assert (zero.filter(regex=r"^L\d+_H\d+_.*_delta$") == 0).all().all()  # our zero-shot rows have no delta
     assert (zero.filter(like="_dual_") == 0).all().all()
+    assert (zero.filter(regex=r"^L0_P_.*_delta$") != 0).any(axis=None)  # the published rows all carry delta_1
+    assert (features.groupby("image_id")[published].nunique() == 1).all(axis=None)  # one vector per group
     shot = features[features.few_shot_num > 0]
     assert (shot.filter(like="dual_demo_answer") > 0).all().all()  # every demonstration's answer is seen
     analysis = json.loads((out / "analysis.json").read_text())
-    assert analysis["feature_sets"].keys() == {"ours", "published"}
+    assert analysis["feature_sets"] == {"ours": analysis["feature_sets"]["ours"], "published": 968}
     report = (out / "report.md").read_text()
     first_table = report.index("| outcome | features | layout baseline AUC | layout + features AUC | gain [95% CI]")
     assert first_table < report.index("## Within each shot count") < report.index("## What the features add")
     assert "| is_formatted | published |" in report
     assert "importance.png" in report and (out / "importance.png").stat().st_size > 1000
+    if has_extra:
+        protocol = analysis["outcomes"]["is_formatted"]["sets"]["published"]["published_protocol"]
+        assert protocol["scope_shots"] == [0, 1, 2] and protocol["rows"] < analysis["rows"]
+        assert first_table < report.index("## The published protocol (row split") < report.index("## Within each")
 
 
 @pytest.mark.slow
@@ -257,7 +243,8 @@ def test_metagrad_cli_takes_the_feature_form(tmp_path):
 
     path = _tiny_llama(tmp_path)
     assert main(["icl", "metagrad", "--answers", str(shared_file("llm_answers.csv")), "--model", path,
-                 "--out", str(tmp_path / "mg"), "--max-groups", "4", "--features", "published"]) == 0
+                 "--out", str(tmp_path / "mg"), "--max-groups", "4", "--features", "published",
+                 "--published-protocol", "false"]) == 0
     features = pd.read_parquet(tmp_path / "mg" / "features.parquet")
     assert any(c.startswith("L0_P_") for c in features.columns)
     assert not any(c.startswith("L0_H") for c in features.columns)
@@ -394,7 +381,7 @@ def test_features_read_the_tokens_the_engine_answered_from_bos_first(tmp_path):
     prompt = pd.read_csv(shared_file("llm_answers.csv")).query("few_shot_num == 1").prompt.iloc[0]
     engine_ids = encode_prompt(tok, prompt)
     assert engine_ids[0] == tok.bos_token_id is not None
-    record = prompt_record(model, tok, prompt, features="ours")
+    record = prompt_record(model, tok, prompt)
     assert record["tokens"] == len(engine_ids)
     offsets = [(0, 0)] + [tuple(x) for x in tok(prompt, return_offsets_mapping=True,
                                                  add_special_tokens=False)["offset_mapping"]]

@@ -28,6 +28,7 @@ INSTRUCTION = ("Out of image-caption pairs #0 to #{last}, select the most likely
                "with potential label (hateful or sarcastic). If all pairs are benign, say 'All pairs are benign'.")
 BENIGN_ANSWER = "All pairs are benign."
 PAIR_LINE = re.compile(r"^#(\d+): caption: '(.*?)', image: '(.*)'$")
+PAIR_LINES = re.compile(PAIR_LINE.pattern, re.M)  # the same line, searched through a whole prompt
 
 
 class PromptInputError(ValueError):

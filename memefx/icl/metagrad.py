@@ -16,7 +16,8 @@ import re
 
 import torch
 
-_PAIR_LINE = re.compile(r"^#(\d+): caption: '(.*?)', image: '(.*)'$", re.M)
+from memefx.icl.grammar import PAIR_LINES
+
 CAPTION, IMAGE, OTHER = 0, 1, 2
 
 
@@ -29,7 +30,7 @@ def target_spans(prompt: str, offsets: list[tuple[int, int]]) -> list[dict]:
     if block_start < 0:
         raise ValueError("prompt has no 'User:' turn")
     pairs = []
-    for match in _PAIR_LINE.finditer(prompt, block_start):
+    for match in PAIR_LINES.finditer(prompt, block_start):
         spans = {}
         for kind, group in (("caption", 2), ("image", 3)):
             lo, hi = match.start(group), match.end(group)
@@ -120,7 +121,7 @@ def demo_char_groups(prompt: str) -> list[int]:
         return labels  # zero-shot: no demonstration
     labels[instruction_end + 1:target] = [DEMO_OTHER] * (target - instruction_end - 1)
     demos = prompt[:target]
-    for match in _PAIR_LINE.finditer(demos):
+    for match in PAIR_LINES.finditer(demos):
         for group, kind in ((2, DEMO_TEXT), (3, DEMO_DESCRIPTION)):
             labels[match.start(group):match.end(group)] = [kind] * (match.end(group) - match.start(group))
     for match in _DEMO_ANSWER.finditer(prompt, 0, target + len("User:\n")):
@@ -142,27 +143,3 @@ def demo_groups(prompt: str, offsets: list[tuple[int, int]]) -> torch.Tensor:
         elif DEMO_OTHER in covered:
             labels[t] = DEMO_OTHER
     return labels
-
-
-def published_vectors(attention: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The published per-token form: head-summed attention mass of each target-block span token.
-
-    ``attention``: (H, L, L) one layer's map; ``labels``: (L,) from ``span_labels``. Returns, in token
-    order, ``caption_caption`` (mass of each caption token on caption keys), ``image_image`` (each image
-    token on image keys) and ``cross`` (each caption token on image keys, each image token on caption
-    keys). Unlike the reference code, tokens whose mass is exactly zero are kept (dropping them shifts the
-    tail alignment).
-    """
-    summed = attention.sum(0)
-    cap, img = labels == CAPTION, labels == IMAGE
-    on_cap, on_img = summed @ cap.to(summed.dtype), summed @ img.to(summed.dtype)
-    return {"caption_caption": on_cap[cap], "image_image": on_img[img],
-            "cross": torch.where(cap, on_img, on_cap)[cap | img]}
-
-
-def tail_aligned(shot: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align a k-shot and a zero-shot per-token vector from their ends (the target block ends both
-    prompts): returns (zero-shot tail, k-shot minus zero-shot tail) over the shorter length."""
-    n = min(len(shot), len(zero))
-    zero_tail = zero[len(zero) - n:]
-    return zero_tail, shot[len(shot) - n:] - zero_tail

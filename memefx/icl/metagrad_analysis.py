@@ -11,8 +11,10 @@ recognising the shot count alone. This module therefore reports, per outcome and
 - the **gain** (AUC of layout + features minus AUC of the baseline) with a paired bootstrap interval that
   resamples target groups;
 - the same within each shot count where both outcome classes have enough rows (and which shots do not);
-- the features alone, raw, as the published analysis used them (grouped folds, and its leaky row split),
-  to show how much of that figure the layout explains.
+- the features alone, raw, in a logistic model (grouped folds, and the leaky row split), to show how much
+  of that figure the layout explains;
+- with ``published_protocol``, for the published features, the reference notebook's own classifier and
+  split (``memefx.icl.metagrad_protocol``: LightGBM tuned by Optuna on a row split), beside the rest.
 
 Rows of one target group share their features, so every fold is grouped by ``image_id``; the
 regularisation strength is chosen by an inner grouped cross-validation on the training folds only.
@@ -32,7 +34,7 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold
 LAYOUT = ("few_shot_num", "layout_prompt_tokens", "layout_pairs")
 OUTCOMES = ("is_functional", "is_formatted", "correct")
 FEATURE_SETS = {"ours": re.compile(r"^L\d+_H\d+_"), "published": re.compile(r"^L\d+_P_")}
-_NAME = re.compile(r"^L(\d+)_(H\d+|P)_(.+?)(?:_(?:t\d+|mean))?(?:_(zs|delta))?$")
+_NAME = re.compile(r"^L(\d+)_(H\d+|P)_(.+?)(?:_(?:t\d+|mean|p\d+))?(?:_(zs|delta))?$")
 CS = (0.01, 0.1, 1.0)
 
 
@@ -338,14 +340,15 @@ def _layout_matrix(data: pd.DataFrame, shot_values: list[int]) -> np.ndarray:
 
 def analyse(features: pd.DataFrame, answers: pd.DataFrame, n_bootstrap: int = 200, seed: int = 0,
             n_splits: int = 5, n_repeats: int = 3, min_class_rows: int = 10,
-            outcome_names: tuple[str, ...] = OUTCOMES) -> dict:
+            outcome_names: tuple[str, ...] = OUTCOMES, published_protocol: bool = False) -> dict:
     """Layout baseline, layout + features and the gain per outcome and feature set, overall and per shot.
 
     ``features``: one row per (image_id, few_shot_num) with the ``LAYOUT`` columns and feature columns
     (``features_table``); ``answers``: answer rows with hand labels (or parsed verdicts). Point estimates
     are means over ``n_repeats`` grouped cross-validations with other folds (seeds ``seed ..``), C chosen
     by inner grouped folds; intervals come from ``n_bootstrap`` refits on resampled target groups
-    (``refit_bootstrap``).
+    (``refit_bootstrap``). With ``published_protocol``, the published feature set also gets the reference
+    notebook's classifier and split (``metagrad_protocol.published_protocol``), under that name.
     """
     missing = set(LAYOUT) - set(features.columns)
     if missing:
@@ -409,6 +412,10 @@ def analyse(features: pd.DataFrame, answers: pd.DataFrame, n_bootstrap: int = 20
                                                n_bootstrap=0, seed=seed), **_interval(boot[name][k])}
             report["within_shot"] = within
             report["importance"], report["top_features"] = _importance(layout, x, shots, y, cs[name], cols)
+            if published_protocol and name == "published":
+                from memefx.icl.metagrad_protocol import published_protocol as protocol
+
+                report["published_protocol"] = protocol(x, y, shots, groups)
             entry["sets"][name] = report
         result["outcomes"][outcome] = entry
     return result
