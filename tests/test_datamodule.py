@@ -156,6 +156,19 @@ def test_jsonl_id_without_caption_row_is_listed(tiny_root, tmp_path):
         dm.setup("fit")
 
 
+def test_empty_or_blank_descriptions_are_listed(tiny_root, tmp_path):
+    from memefx.data.hmc import HMCFormatError
+
+    root = _hmc_without_images(tiny_root, tmp_path)
+    caps = pd.read_parquet(root / "hm_captions.parquet")
+    dev_ids = pd.read_json(root / "dev_seen.jsonl", lines=True, dtype={"id": str}).id.tolist()
+    caps.loc[caps.image_id.astype(str).str.zfill(5).isin(dev_ids[:2]), "text_captioned"] = ["", "  \n"]
+    caps.to_parquet(root / "hm_captions.parquet")
+    dm = MemeDataModule(root=str(root), image_side="caption")
+    with pytest.raises(HMCFormatError, match=r"2 memes have an empty or whitespace-only 'text_captioned' description"):
+        dm.setup("fit")
+
+
 def test_max_length_too_small_for_the_pair(tiny_root, tmp_path):
     root = _hmc_without_images(tiny_root, tmp_path)
     with pytest.raises(ValueError, match=r"data.max_length=4 cannot hold the 3 special tokens"):

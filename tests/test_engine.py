@@ -189,6 +189,25 @@ def test_multi_token_continuations_scored_on_the_prompt_cache(tiny_llama):
     assert stats.forwarded_tokens == stats.prompt_tokens + sum(n - 1 for n in n_cont)
 
 
+def test_continuation_glued_to_the_prompt_is_refused_and_the_scored_text_said(tiny_llama, tmp_path, capsys):
+    from memefx.icl.cli import main as icl_main
+    from memefx.icl.engine import UserError, encode_continuations
+
+    _, tok = load(EngineConfig(model=tiny_llama))
+    with pytest.raises(UserError, match=r"continuation 'benign' would be scored glued to the prompt's end "
+                                        r"\(.*System:benign'\): start it with a space \(' benign'\)"):
+        encode_continuations(tok, "User: is it hateful?\nSystem:", ["benign", "hateful"])
+    assert encode_continuations(tok, "User: is it hateful?\nSystem: ", ["benign"])  # the prompt holds the space
+    prompts = tmp_path / "p.parquet"
+    _prompts(2).to_parquet(prompts)
+    args = ["run", "--prompts", str(prompts), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.parquet"),
+            "--engine.model", tiny_llama, "--mode", "score"]
+    assert icl_main([*args, "--continuations", "[benign,hateful]"]) == 2
+    assert "start it with a space" in capsys.readouterr().err
+    assert icl_main(args) == 0
+    assert "scored after each prompt: ' benign', ' hateful'" in capsys.readouterr().out
+
+
 def test_length_batches_group_similar_lengths():
     from memefx.icl.engine import length_batches
 
@@ -434,3 +453,35 @@ def test_add_bos_false_tokenises_as_the_published_pipeline(tiny_llama):
     plain = tok(prompt, add_special_tokens=False)["input_ids"]
     assert encode_prompt(tok, prompt, add_bos=False) == plain
     assert encode_prompt(tok, prompt, add_bos=True) == [tok.bos_token_id, *plain]
+
+
+def test_full_disk_names_the_cache_and_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import builtins
+    import errno
+
+    from memefx.icl import cli as icl_cli
+    from memefx.icl.engine import ResultCache, UserError
+
+    store = ResultCache(tmp_path / "cache", 0, lambda row: True)
+    real_open = builtins.open
+
+    def full(path, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(UserError, match=rf"cannot write answers to the cache {tmp_path}/cache.*No space left on device"):
+        store.append([{"key": "k", "generated_text": "x"}])
+    monkeypatch.setattr(builtins, "open", real_open)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("memefx.icl.engine.run", interrupted)  # Ctrl-C while answering
+    prompts = tmp_path / "p.parquet"
+    _prompts(1).to_parquet(prompts)
+    code = icl_cli.main(["run", "--prompts", str(prompts), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o.parquet"),
+                         "--engine.model", "nowhere"])
+    assert code == 130
+    assert "interrupted; the answers written so far are kept" in capsys.readouterr().err

@@ -197,3 +197,16 @@ def test_leakage_lists_ids_and_copied_memes():
     message = leakage_message("dev_seen", "train", found)
     assert "1 ids also in 'train' (00001)" in message and "1 memes whose exact (text, img) is a 'train' meme (00003)" in message
     assert leakage_message("dev_seen", "train", leakage(train, dev.iloc[2:])) is None
+
+
+def test_windows_image_paths_and_the_path_tried_is_named(tiny_root, tmp_path):
+    root = tmp_path / "hmc"
+    shutil.copytree(tiny_root, root)
+    rows = [json.loads(x) for x in (root / "dev_seen.jsonl").read_text().splitlines()]
+    (root / "dev_seen.jsonl").write_text("".join(json.dumps({**r, "img": r["img"].replace("/", "\\")}) + "\n" for r in rows))
+    frame = read_split(root / "dev_seen.jsonl")
+    assert frame.img.iloc[0] == rows[0]["img"]  # img\00123.png read as img/00123.png
+    check_images(root, frame)
+    (root / "img" / f"{frame.id.iloc[0]}.png").unlink()
+    with pytest.raises(HMCFormatError, match=rf"looked for {root}/img/{frame.id.iloc[0]}\.png\)"):
+        check_images(root, frame)

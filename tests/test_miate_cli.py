@@ -188,3 +188,15 @@ def test_option_ranges_are_checked(tmp_path, table, capsys):
     (tmp_path / "broken.json").write_text('{"meme": "00001", "score": 0.9}\n{"meme": ')
     assert memefx(["miate", "--predictions", str(tmp_path / "broken.json"), "--confounders", str(table)]) == 2
     assert "neither JSON lines nor a JSON array of records" in capsys.readouterr().err
+
+
+def test_json_output_is_strict_json(tmp_path, table, capsys):
+    """An unlabeled split has no AUROC: written as null, never as a bare NaN token."""
+    scores = {**SCORES, "00009": 0.5}
+    path = _csv(tmp_path, scores, split=["dev_seen"] * 8 + ["test_seen"])
+    assert memefx(["miate", "--predictions", path, "--confounders", str(table), "--id-col", "meme", "--score-col",
+                   "score", "--split", "test_seen", "--json", "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
+    assert strict["auroc"] is None
+    json.loads((tmp_path / "out" / "test_seen.json").read_text(), parse_constant=lambda c: pytest.fail(c))

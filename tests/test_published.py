@@ -298,3 +298,20 @@ def test_replayed_prompts_compare_with_the_published_answers_pair_by_pair(publis
     assert (both.ground_truth == both.ground_truth_published).all() and both.id.str.fullmatch(r"\d{5}").all()
     assert (both.parsed_is_hateful == (both.ans_num == 0)).all()
 
+
+
+def test_replay_refuses_an_empty_file_and_data_that_maps_nothing(published, tmp_path):
+    header = tmp_path / "header.csv"
+    published.iloc[:0].to_csv(header, index=False)
+    with pytest.raises(UserError, match="holds no answer rows"):
+        _build(from_published=header)
+    answers = published[["image_id", "few_shot_num", "prompt"]].drop_duplicates().head(5)
+    texts = {"00001": "words that no prompt shows", "00002": "nor these"}
+    descriptions = {"00001": "a picture", "00002": "another picture"}
+    with pytest.raises(UserError, match=r"none of the \d+ target pairs of its 5 prompts matches a meme of split "
+                                         r"'dev_seen'"):
+        replay_published(answers, texts, descriptions, {"00001": 1, "00002": 0})
+    torn = tmp_path / "torn.csv"
+    torn.write_text('image_id,few_shot_num,prompt\n1456,0,"User: Out of image-caption pairs #0 to #1')
+    with pytest.raises(UserError, match=r"torn.csv: not a readable answer table"):
+        _build(from_published=torn)

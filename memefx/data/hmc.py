@@ -84,7 +84,8 @@ def read_split(path: str | Path, split: str | None = None) -> pd.DataFrame:
                     f"{where}: id {meme_id}: label {label!r} is not 0 or 1"
                     + (f" (split {split!r} must be labeled)" if labeled else "")
                 )
-            rows.append((meme_id, str(obj["img"]), text, int(label), split, line_no))
+            img = str(obj["img"]).replace("\\", "/")  # a Windows-written path (img\\01235.png) is the same file
+            rows.append((meme_id, img, text, int(label), split, line_no))
     if not rows:
         raise HMCFormatError(f"{path}: split {split!r} holds no memes (the file is empty); restore the file "
                              "or leave this split out of the configuration")
@@ -104,11 +105,12 @@ def check_images(root: str | Path, frame: pd.DataFrame, verify: bool = True) -> 
     and would otherwise crash a DataLoader worker in the middle of an epoch.
     """
     root = Path(root)
-    missing, unreadable = [], []
+    missing, unreadable, tried = [], [], []
     for meme_id, img in zip(frame.id, frame.img):
         path = root / img
         if not path.is_file():
             missing.append(meme_id)
+            tried.append(str(path))
             continue
         if verify:
             try:
@@ -120,7 +122,8 @@ def check_images(root: str | Path, frame: pd.DataFrame, verify: bool = True) -> 
                 unreadable.append(f"{meme_id} ({path}: {type(err).__name__}: {err})")
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing images under {root} (ids {_listing(missing)})")
+        problems.append(f"{len(missing)} missing images under {root} (ids {_listing(missing)}; looked for "
+                        f"{tried[0]}{' and others' if len(tried) > 1 else ''})")
     if unreadable:
         problems.append(f"{len(unreadable)} unreadable images (ids {_listing(unreadable)})")
     if problems:

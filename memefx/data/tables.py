@@ -126,4 +126,8 @@ def descriptions_for(captions: pd.DataFrame, ids: list[str], column: str, path: 
     missing = [i for i in ids if i not in lookup or not isinstance(lookup[i], str)]
     if missing:
         raise HMCFormatError(f"{path}: {len(missing)} memes have no {column!r} description: ids {_listing(missing)}")
+    blank = [i for i in ids if not lookup[i].strip()]  # an empty image side would train on the text alone
+    if blank:
+        raise HMCFormatError(f"{path}: {len(blank)} memes have an empty or whitespace-only {column!r} description: "
+                             f"ids {_listing(blank)}; describe them again (memefx icl describe) or drop them")
     return [lookup[i] for i in ids]

@@ -142,6 +142,8 @@ def run(prompts: str, cache: str, out: str, engine: EngineConfig, mode: Literal[
         merged["id"] = merged["id"].astype(str)
     _write(merged, out)
     message = f"memefx icl run: {len(merged)} rows -> {out}"
+    if mode == "score":  # what was scored, exactly: each continuation right after the prompt's last character
+        message += "; scored after each prompt: " + ", ".join(repr(c) for c in continuations)
     if mode == "score" and "p_hateful" in merged and "label" in merged:
         labeled = merged[merged.label.isin([0, 1])]
         if labeled.label.nunique() == 2:
@@ -330,6 +332,12 @@ def main(argv: list[str]) -> int:
         init = parser.instantiate(config)[name]  # a dataclass refusing its values (EngineConfig) is a user error
         kwargs = {k: init[k] for source in schema(name) for k in inspect.signature(source).parameters}
         message = func(**kwargs)
+    except KeyboardInterrupt:
+        cache = getattr(config.get(name), "cache", None) if hasattr(config, "get") else None
+        where = f" in {cache}" if cache else ""
+        print(f"memefx icl {name}: interrupted; the answers written so far are kept{where}: rerun the same "
+              "command to go on from there", file=sys.stderr)
+        return 130
     except (UserError, ValueError, FileNotFoundError) as err:
         text = str(err).replace("\n", " ") or type(err).__name__
         print(f"memefx icl {name}: {text}", file=sys.stderr)

@@ -204,6 +204,9 @@ def encode_continuations(tok, prompt: str, continuations: Sequence[str]) -> list
     n_prompt = tok(prompt, add_special_tokens=False)["input_ids"]
     out = []
     for cont in continuations:
+        if prompt[-1:] and not prompt[-1].isspace() and not cont[:1].isspace():
+            raise UserError(f"continuation {cont!r} would be scored glued to the prompt's end ({prompt[-20:] + cont!r}): "
+                            f"start it with a space ({' ' + cont!r}), as the answer would be written")
         full = tok(prompt + cont, add_special_tokens=False)["input_ids"]
         if len(full) <= len(n_prompt) or full[:len(n_prompt)] != n_prompt:
             raise UserError(f"continuation {cont!r} does not extend the prompt's tokens (it adds none or merges "
@@ -394,13 +397,17 @@ class ResultCache:
             with open(self.path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 torn = f.read(1) != b"\n"  # a kill cut the last line: start on a fresh one
-        with open(self.path, "a") as f:
-            if torn:
-                f.write("\n")
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                if torn:
+                    f.write("\n")
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # a full disk, a read-only or vanished folder: name it; answers so far are kept
+            raise UserError(f"cannot write answers to the cache {self.path} ({err.strerror or err}); free space "
+                            "or choose another --cache, then rerun the same command: cached answers are kept") from None
 
 
 def _answer_check(mode: str, continuations: Sequence[str]) -> Callable[[dict], bool]:

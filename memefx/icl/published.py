@@ -325,6 +325,8 @@ def replay_published(answers: pd.DataFrame, texts: Mapping[str, str], descriptio
     if missing:
         raise PromptInputError(f"{source}: lacks columns {missing} (has {list(answers.columns)}); expected the published "
                         "answer file (one row per target group, shot count and pair, with the prompt text)")
+    if answers.empty:
+        raise PromptInputError(f"{source}: holds no answer rows (a header only?): nothing to replay")
     index: dict[str, list[str]] = {}
     for meme in texts:
         if isinstance(texts.get(meme), str) and isinstance(descriptions.get(meme), str):
@@ -399,8 +401,15 @@ def replay_published(answers: pd.DataFrame, texts: Mapping[str, str], descriptio
                     "member_labels": target_labels, "demo_groups": [g or "" for g in demo_groups],
                     "demo_member_ids": [ids for ids in mapped_blocks[:-1]], "rebuilt": rebuilt,
                     "unmapped": problems})
-    return pd.DataFrame(out, columns=["group", "few_shot_num", "prompt", "member_ids", "member_labels", "demo_groups",
-                                      "demo_member_ids", "rebuilt", "unmapped"])
+    table = pd.DataFrame(out, columns=["group", "few_shot_num", "prompt", "member_ids", "member_labels", "demo_groups",
+                                       "demo_member_ids", "rebuilt", "unmapped"])
+    pairs = sum(len(ids) for ids in table.member_ids)
+    if pairs and not any(i for ids in table.member_ids for i in ids):
+        raise PromptInputError(
+            f"{source}: none of the {pairs} target pairs of its {len(table)} prompts matches a meme of split {split!r} "
+            "by text and description: the answer file belongs to other data (check --hmc, --captions, --split and "
+            "--description-column)")
+    return table
 
 
 def _group_id(value: object) -> str:

@@ -14,7 +14,6 @@ are written there.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from memefx.causal.predictions import (
 from memefx.data.hmc import normalize_id
 from memefx.data.strata import KINDS, strata_members
 from memefx.data.tables import read_confounders
+from memefx.jsonio import dumps
 
 
 def read_table(path: str | Path, id_col: str) -> pd.DataFrame:
@@ -111,7 +111,7 @@ def write_outputs(result: dict, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     split = result["split"]
     paths = [out / f"{split}.json", out / f"{split}_strata.csv"]
-    paths[0].write_text(json.dumps(result, indent=2))
+    paths[0].write_text(dumps(result, indent=2))
     rows = [{"kind": k, **r} for k in KINDS for r in (result.get(k) or {}).get("strata", [])]
     pd.DataFrame(rows).to_csv(paths[1], index=False)
     paths.append(plot_threshold_curve(result, out))
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> int:
                      pairs_only=a.pairs_only)
     written = write_outputs(result, a.out) if a.out else []
     if a.json:
-        print(json.dumps(result, indent=2))
+        print(dumps(result, indent=2))
     else:
         print("\n".join(summary_lines(result)))
         for path in written:

@@ -12,7 +12,6 @@ variation too. Reads run directories only (``metrics.json``, ``miate/<split>.jso
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from memefx.errors import UserError, read_json
+from memefx.jsonio import dumps
 from memefx.schema import KINDS
 
 SEED_DIR = re.compile(r"^seed(\d+)$")
@@ -145,7 +145,7 @@ def summarize_study(study_dir: str | Path, n_bootstrap: int = 2000, seed: int = 
                "interval": "hierarchical bootstrap: seeds with replacement, then strata within each seed; "
                            f"{n_bootstrap} replicates, 95% percentile interval",
                "n_bootstrap": n_bootstrap, "bootstrap_seed": seed}
-    (study_dir / STUDY_FILE).write_text(json.dumps(summary, indent=2))
+    (study_dir / STUDY_FILE).write_text(dumps(summary, indent=2))
     table.to_csv(study_dir / "study.csv", index=False)
     return summary
 
