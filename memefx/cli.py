@@ -16,8 +16,16 @@ import traceback
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
-from memefx.callbacks.run_directory import RunDirectory, last_checkpoint
+from memefx.callbacks.run_directory import (
+    MANIFEST,
+    RunDirectory,
+    best_checkpoint,
+    find,
+    holds_fit,
+    last_checkpoint,
+)
 from memefx.data.datamodule import MemeDataModule
 from memefx.errors import UserError, read_json
 from memefx.models.module import MemeClassifier
@@ -65,29 +73,56 @@ class MemeCLI(LightningCLI):
         callbacks = [*callbacks, RunDirectory(overwrite=bool(plain.get("overwrite")), config=plain, argv=sys.argv)]
         return super()._instantiate_trainer(config, callbacks)
 
-    def _resolve_last(self) -> None:
-        """``--ckpt_path last``: the recorded checkpoint with the highest step, not the newest file time."""
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "last":
-            found = last_checkpoint(self.trainer.default_root_dir)
+    def _resolve_checkpoint(self) -> None:
+        """``--ckpt_path last|best`` from the run directory's manifests, in any process.
+
+        ``last``: the recorded checkpoint with the highest step (not the newest file time); ``best``: the file
+        the ModelCheckpoint held best at its latest save. An evaluation that names neither a checkpoint nor
+        ``model.backbone_args.checkpoint`` evaluates untrained weights: refused in a folder holding a fit.
+        """
+        stage = self.subcommand
+        config = self.config_init[stage]
+        given = config.get("ckpt_path")
+        run_dir = Path(self.trainer.default_root_dir)
+        if given in ("last", "best"):
+            found = last_checkpoint(run_dir) if given == "last" else best_checkpoint(run_dir)
+            if found is not None and not found.is_file():
+                raise UserError(f"--ckpt_path best: the best checkpoint recorded in {run_dir} is {found}, which is "
+                                "missing: pass --ckpt_path last or a checkpoint file")
             if found is not None:
                 config["ckpt_path"] = str(found)
+            elif stage != "fit" or given == "best":  # fit --ckpt_path last on a new folder: a fresh start
+                what = "checkpoint" if given == "last" else "best checkpoint (no ModelCheckpoint chose one)"
+                raise UserError(f"--ckpt_path {given}: no {what} is recorded under {run_dir} (no checkpoints/"
+                                f"{MANIFEST} names one): pass the checkpoint file with --ckpt_path PATH, or check "
+                                "--trainer.default_root_dir")
+        elif given is None and stage != "fit" and holds_fit(run_dir):
+            if not (self.model.hparams.get("backbone_args") or {}).get("checkpoint"):
+                raise UserError(f"memefx {stage} without --ckpt_path evaluates the model's untrained initial weights "
+                                f"and would write their results into the finished run {run_dir}: pass --ckpt_path "
+                                "best, last or a checkpoint file (or another --trainer.default_root_dir)")
 
     def before_fit(self) -> None:
-        self._resolve_last()
+        self._resolve_checkpoint()
+        # every split the command will read, before training: a bad --data.test_split fails now, not after the fit
+        roles = ("train", "val", "test") if self.config["fit"].get("test_after_fit") else ("train", "val")
+        self.datamodule.check_splits(roles)
 
     def before_validate(self) -> None:
-        self._resolve_last()
+        self._resolve_checkpoint()
 
     def before_test(self) -> None:
-        self._resolve_last()
+        self._resolve_checkpoint()
 
     def before_predict(self) -> None:
-        self._resolve_last()
+        self._resolve_checkpoint()
 
     def after_fit(self) -> None:
         if self.config["fit"].get("test_after_fit") and not self.trainer.fast_dev_run:
             ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
+            if ckpt is None:
+                rank_zero_warn("memefx: --test_after_fit: the fit saved no best checkpoint (no validation ran, or no "
+                               "ModelCheckpoint): validating and testing the weights at the end of the fit")
             # validate the same checkpoint, so predictions/<val split> and miate/ match the test numbers
             self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
@@ -100,13 +135,15 @@ class MemeCLI(LightningCLI):
         self._summarize()
 
     def _summarize(self) -> None:
-        """Print the run directory's ``metrics.json`` in one line."""
-        path = Path(self.trainer.default_root_dir) / "metrics.json"
-        if not self.trainer.is_global_zero or not path.is_file():
+        """Print the metrics file this command wrote in one line, with the weights an evaluation saw."""
+        owner = find(self.trainer)
+        path = owner.metrics_path if owner is not None else None
+        if not self.trainer.is_global_zero or path is None or not path.is_file():
             return
         metrics = read_json(path)
         shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if not math.isnan(v))
-        print(f"memefx [{path.parent}] {shown}", flush=True)
+        weights = "" if self.subcommand == "fit" else f" ({owner.weights(self.trainer, self.model)['description']})"
+        print(f"memefx [{path}]{weights} {shown}", flush=True)
 
 
 def _synth(argv: list[str]) -> int:

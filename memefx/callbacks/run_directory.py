@@ -6,14 +6,21 @@ and verifies it before a checkpoint is loaded, and tells MIDAS where and under w
 The same folder comes out of ``memefx fit``, a user's own ``LightningCLI`` and a plain
 ``Trainer(callbacks=[RunDirectory()])``.
 
-A fit refuses a folder that already holds a run unless it resumes that run (a checkpoint path) or
-``overwrite=True`` clears the earlier run's files first: results of two runs never mix.
+A fit refuses a folder that already holds a run unless it resumes that run (a checkpoint recorded in one of
+the folder's own manifests) or ``overwrite=True`` clears the earlier run's files first, and one process at a
+time writes a folder (an exclusive lock on ``RUN/.memefx.lock``): results of two runs never mix. A resume that
+changes the settings deciding the sample order or the model is refused. ``validate``/``test`` outside a fit
+write ``metrics_<stage>.json`` beside the fit's ``metrics.json``, never over it, and every evaluation records
+which weights it evaluated.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from memefx.errors import UserError, read_json
 from memefx.provenance import file_digest as sha256
@@ -30,8 +38,19 @@ from memefx.provenance import file_digest as sha256
 # what a run leaves (loggers version their own subfolders of logs/ and wandb/, so those never mix)
 ARTIFACTS = ("config.yaml", "provenance.json", "metrics.json", "predictions", "miate", "midas", "checkpoints",
              "report")
+STAGE_ARTIFACTS = ("config_*.yaml", "provenance_*.json", "metrics_*.json")  # of validate/test/predict
 REPORTED = ("auroc", "acc", "loss", "miate_shared_image", "miate_shared_text")
+STAGE_PREFIXES = ("train", "val", "test")  # metrics.json keys start with one of these
 MANIFEST = "manifest.json"
+LOCK = ".memefx.lock"
+# settings a resume may change: where files are, how many workers read them, what is evaluated and how
+# attention is computed (the same maths); any other model or data setting changes the sample order or the model
+RESUME_FREE = {
+    "data": {"root", "confounders", "captions", "tokenizer", "tags_file", "region_features", "num_workers",
+             "check_images", "val_split", "test_split", "predict_split"},
+    "model": {"miate_bootstrap", "miate_seed"},
+    "model.backbone_args": {"pretrained", "checkpoint", "image_checkpoint", "bert", "attn_implementation"},
+}
 
 
 def find(trainer: L.Trainer) -> RunDirectory | None:
@@ -74,18 +93,55 @@ def midas_table_path(trainer: L.Trainer, stage: str, epoch: int) -> tuple[Path, 
     return folder / f"{stage}_ckpt_epoch{'init' if k is None else k}.parquet", k
 
 
+def recorded_checkpoints(run_dir: str | Path) -> dict[Path, dict]:
+    """Every checkpoint file under ``run_dir`` recorded in the manifest beside it, with its entry.
+
+    Checkpoints sit in ``RUN/checkpoints/`` when ``memefx fit`` configures the ModelCheckpoint, in
+    ``RUN/<logger>/version_N/checkpoints/`` for Lightning's default one, in ``RUN/`` for SLURM requeue files.
+    """
+    run_dir = Path(run_dir)
+    found: dict[Path, dict] = {}
+    for manifest in sorted(run_dir.rglob(MANIFEST)) if run_dir.is_dir() else []:
+        entries = read_json(manifest)
+        for name, entry in entries.items() if isinstance(entries, dict) else ():
+            if isinstance(entry, dict) and "sha256" in entry and (manifest.parent / name).is_file():
+                found[manifest.parent / name] = entry
+    return found
+
+
+def _recency(path: Path, entry: dict) -> tuple:
+    return entry.get("global_step", -1), entry.get("epoch", -1), path.name.startswith("last")
+
+
 def last_checkpoint(run_dir: str | Path) -> Path | None:
     """The recorded checkpoint with the highest global step (file times lie after a ``cp -r``)."""
-    folder = Path(run_dir) / "checkpoints"
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
+    found = recorded_checkpoints(run_dir)
+    return max(found, key=lambda p: _recency(p, found[p])) if found else None
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The best checkpoint of the run's ModelCheckpoint as recorded at its latest save (``None``: none recorded).
+
+    Each manifest entry names the file the (first) ModelCheckpoint held best when that file was saved, so a new
+    process resolves ``best`` as the fit would have; the file may be missing (the caller says so).
+    """
+    found = {p: e for p, e in recorded_checkpoints(run_dir).items() if e.get("best")}
+    if not found:
         return None
-    entries = read_json(manifest)
-    present = {name: e for name, e in entries.items() if (folder / name).is_file()}
-    if not present:
-        return None
-    name = max(present, key=lambda n: (present[n]["global_step"], present[n]["epoch"], n.startswith("last")))
-    return folder / name
+    latest = max(found, key=lambda p: _recency(p, found[p]))
+    best = Path(found[latest]["best"])
+    return best if best.is_absolute() else latest.parent / best
+
+
+def is_recorded(run_dir: str | Path, checkpoint: str | Path) -> bool:
+    """Whether ``checkpoint`` is one of ``run_dir``'s own checkpoints (in a manifest inside the folder)."""
+    target = Path(checkpoint).resolve()
+    return any(path.resolve() == target for path in recorded_checkpoints(run_dir))
+
+
+def holds_fit(run_dir: str | Path) -> bool:
+    """Whether a fit has run in the folder (its ``provenance.json`` is written when a fit starts)."""
+    return (Path(run_dir) / "provenance.json").is_file()
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -112,7 +168,8 @@ class ManifestCheckpointIO(CheckpointIO):
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
         path = Path(path)
         self._update(path.parent, path.name, {"sha256": sha256(path), "epoch": int(checkpoint.get("epoch", -1)),
-                                              "global_step": int(checkpoint.get("global_step", -1))})
+                                              "global_step": int(checkpoint.get("global_step", -1)),
+                                              "best": _best_in(checkpoint, path.parent)})
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         verify_checkpoint(path)
@@ -138,6 +195,113 @@ class ManifestCheckpointIO(CheckpointIO):
         tmp.replace(manifest)  # a kill never leaves a torn manifest
 
 
+def _best_in(checkpoint: dict, folder: Path) -> str | None:
+    """The best file of the first ModelCheckpoint (Lightning's ``best``) in a checkpoint's callback states:
+    its name when it sits in ``folder`` (so a copied run still finds it), else its path."""
+    states = [s for s in (checkpoint.get("callbacks") or {}).values() if isinstance(s, dict) and "best_model_path" in s]
+    best = states[0]["best_model_path"] if states else None
+    if not best:
+        return None
+    best = Path(best)
+    return best.name if best.parent.resolve() == folder.resolve() else str(best)
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``RUN/.memefx.lock``: one process at a time writes a run directory.
+
+    The kernel drops the lock when its process ends (a kill or a crash included), so a lock never outlives
+    its run; the file stays and names the last holder. Without ``fcntl`` (Windows) nothing is locked.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self, what: str) -> None:
+        """Take the lock or raise ``UserError`` naming the holder; the file is not changed when refused."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"run directory {self.path.parent} is in use ({holder}; lock {self.path}): wait until "
+                            "that run ends, or choose another --trainer.default_root_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{what}: pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        fd, self._fd = self._fd, None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __del__(self) -> None:  # a dropped lock never stays held for the rest of the process
+        try:
+            self.release()
+        except (OSError, ImportError):  # interpreter shutdown: the kernel releases it with the process
+            pass
+
+
+def resume_differences(checkpoint: dict, model_hparams: dict | None, data_hparams: dict | None,
+                       training: dict) -> list[str]:
+    """Settings of this fit that differ from those a checkpoint was trained with, as ``name: then -> now``.
+
+    Model and data hyperparameters come from the checkpoint itself; the trainer settings that decide the
+    order and grouping of batches (world size, gradient accumulation, batches per epoch) from the state
+    ``RunDirectory`` saved in it. Settings in ``RESUME_FREE`` are not compared.
+    """
+    lines = []
+    then_training = ((checkpoint.get("callbacks") or {}).get(RunDirectory.__qualname__) or {}).get("training") or {}
+    pairs = (("model", checkpoint.get("hyper_parameters"), model_hparams),
+             ("data", checkpoint.get("datamodule_hyper_parameters"), data_hparams),
+             ("trainer", then_training, training if then_training else None))
+    for prefix, then, now in pairs:
+        if then is None or now is None:
+            continue
+        a, b = _flat(dict(then), prefix), _flat(dict(now), prefix)
+        for key in sorted(set(a) | set(b)):
+            group, _, name = key.rpartition(".")
+            if name in RESUME_FREE.get(group, ()) or _same(a.get(key), b.get(key)):
+                continue
+            lines.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return lines
+
+
+def _flat(obj: dict, prefix: str) -> dict:
+    out = {}
+    for key, value in obj.items():
+        if isinstance(value, dict) or (hasattr(value, "items") and not isinstance(value, (str, bytes))):
+            out.update(_flat(dict(value), f"{prefix}.{key}"))
+        else:
+            out[f"{prefix}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _same(a, b) -> bool:
+    """Equal, also when one side came from the command line as a string (``"64"`` and ``64``)."""
+    if a == b:
+        return True
+    if a is None or b is None or isinstance(a, (list, dict)) or isinstance(b, (list, dict)):
+        return False
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a).lower() == str(b).lower()
+
+
 class RunDirectory(Callback):
     """Owns everything written to the run directory.
 
@@ -153,26 +317,51 @@ class RunDirectory(Callback):
         self.overwrite, self.config, self.argv = overwrite, config, argv
         self.loaded: dict | None = None  # epoch/step of the checkpoint an evaluation loaded
         self.last_trained_epoch: int | None = None
+        self.metrics_path: Path | None = None  # the metrics file the last stage wrote
         self._outputs: dict[str, list[dict]] = {}
         self._metrics: dict[str, float] = {}
-        self._refusal_checked = False
+        self._stage: str | None = None
+        self._fitted = False  # a fit ran with this callback: its later evaluations belong to it
+        self._training: dict | None = None
+        self._lock: FolderLock | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.loaded = None
+        self._stage = stage
         if not isinstance(trainer.strategy.checkpoint_io, ManifestCheckpointIO):
             trainer.strategy.checkpoint_io = ManifestCheckpointIO(trainer.strategy.checkpoint_io)
+        if stage != "fit" and not trainer.fast_dev_run:  # an evaluation writes the folder too: one process at a
+            # time, claimed before the loggers write (a fit claims at its start, once it knows what it resumes)
+            self._on_rank_zero(trainer, lambda: self._acquire(run_path(trainer), f"memefx {stage}"))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._release()
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self.loaded = {"epoch": int(checkpoint.get("epoch", -1)), "global_step": int(checkpoint.get("global_step", -1)),
                        "path": str(trainer.ckpt_path) if trainer.ckpt_path else None}
+        if trainer.state.fn == TrainerFn.FITTING:  # before anything is written: every rank compares the same
+            dm = trainer.datamodule
+            changed = resume_differences(checkpoint, dict(pl_module.hparams),
+                                         dict(dm.hparams) if dm is not None else None, _training(trainer))
+            if changed:
+                raise UserError(
+                    f"--ckpt_path {trainer.ckpt_path}: this fit changes settings that decide the sample order or the "
+                    f"model ({'; '.join(changed)}), so resuming would train samples twice or a different model: "
+                    "resume with the checkpoint's settings (its run's config.yaml), or drop --ckpt_path and start a "
+                    "new run in another --trainer.default_root_dir")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The run really starts (optimizers built, checkpoint restored): claim the folder, then record it."""
+        self._fitted = True
+        self._training = _training(trainer)
         if trainer.fast_dev_run:  # a smoke test: like Lightning, record no config
             return
-        if trainer.is_global_zero:
-            self._claim(run_path(trainer), resuming=trainer.ckpt_path is not None)
+        self._on_rank_zero(trainer, lambda: self._claim(run_path(trainer), trainer.ckpt_path))
         self._write_start(trainer, pl_module, "fit")
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -185,18 +374,51 @@ class RunDirectory(Callback):
     def on_predict_start(self, trainer, pl_module) -> None:
         self._write_start(trainer, pl_module, "predict")
 
-    def _claim(self, run_dir: Path, resuming: bool) -> None:
-        present = sorted(name for name in ARTIFACTS if (run_dir / name).exists())
-        if not present or resuming:
-            return
-        if not self.overwrite:
+    @staticmethod
+    def _on_rank_zero(trainer: L.Trainer, claim) -> None:
+        """Run ``claim`` on rank 0 only and broadcast its refusal, so every rank stops together (as Lightning's
+        SaveConfigCallback broadcasts its check)."""
+        refusal = None
+        if trainer.is_global_zero:
+            try:
+                claim()
+            except UserError as err:
+                refusal = str(err)
+        refusal = trainer.strategy.broadcast(refusal)
+        if refusal:
+            raise UserError(refusal)
+
+    def _claim(self, run_dir: Path, ckpt_path) -> None:
+        """Refuse a folder holding another run, then lock it; only then delete what ``overwrite`` clears."""
+        present = sorted({name for name in ARTIFACTS if (run_dir / name).exists()}
+                         | {p.name for pattern in STAGE_ARTIFACTS for p in run_dir.glob(pattern)})
+        resuming = ckpt_path is not None and is_recorded(run_dir, ckpt_path)
+        if present and not resuming and not self.overwrite:
+            if ckpt_path is not None:
+                raise UserError(
+                    f"run directory {run_dir} already holds a run ({', '.join(present)}) and --ckpt_path {ckpt_path} "
+                    f"is not one of its checkpoints (none of the manifests under {run_dir} records it): resume this "
+                    "run with --ckpt_path last, start from that checkpoint in another --trainer.default_root_dir, or "
+                    "pass --overwrite true to delete this run's files first")
             raise UserError(
                 f"run directory {run_dir} already holds a run ({', '.join(present)}): resume it with "
                 "--ckpt_path last, choose another --trainer.default_root_dir, or pass --overwrite true to delete "
                 "those files first")
-        for name in present:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        self._acquire(run_dir, "memefx fit")
+        if present and not resuming:
+            for name in present:
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+    def _acquire(self, run_dir: Path, what: str) -> None:
+        if self._lock is None:
+            self._lock = FolderLock(run_dir)
+        self._lock.acquire(what)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _write_start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """``config[_<stage>].yaml`` and ``provenance[_<stage>].json`` (and the W&B run config)."""
@@ -213,6 +435,10 @@ class RunDirectory(Callback):
         record = collect(config, trainer, trainer.datamodule, self.argv)
         if self.loaded is not None:
             record["checkpoint"] = self.loaded
+        if stage != "fit":
+            record["weights"] = weights = self.weights(trainer, pl_module)
+            say = rank_zero_info if weights["from"] == "checkpoint" or weights.get("backbone_checkpoint") else rank_zero_warn
+            say(f"memefx {stage}: evaluating {weights['description']}")
         if trainer.is_global_zero:
             run_dir = run_path(trainer)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +448,28 @@ class RunDirectory(Callback):
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.config.update({"provenance": record}, allow_val_change=True)
+
+    def weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """Which weights an evaluation sees, with a one-line ``description`` (recorded in provenance and miATE).
+
+        ``from``: ``fit`` (a validation inside the fit), ``checkpoint`` (a file was loaded), ``end of fit``
+        (evaluated after a fit in this process without loading a checkpoint) or ``initial`` (the weights the
+        model was built with: ``model.backbone_args.checkpoint`` when given, else untrained).
+        """
+        if trainer.state.fn == TrainerFn.FITTING:
+            e = trainer.current_epoch
+            return {"from": "fit", "epoch": e, "description": f"the weights being trained (epoch {e})"}
+        if self.loaded is not None:
+            e, step, path = self.loaded["epoch"], self.loaded["global_step"], self.loaded["path"]
+            return {"from": "checkpoint", **self.loaded, "description": f"checkpoint {path} (epoch {e}, step {step})"}
+        if self.last_trained_epoch is not None:
+            e, step = self.last_trained_epoch, trainer.global_step
+            return {"from": "end of fit", "epoch": e, "global_step": step,
+                    "description": f"the weights at the end of the fit (epoch {e}, step {step}), not a saved checkpoint"}
+        init = ((getattr(pl_module, "hparams", None) or {}).get("backbone_args") or {}).get("checkpoint")
+        return {"from": "initial", "backbone_checkpoint": init,
+                "description": f"the weights the model was built with (model.backbone_args.checkpoint {init})" if init
+                else "the model's initial weights: untrained (no --ckpt_path, no model.backbone_args.checkpoint)"}
 
     # ------------------------------------------------------------------------------------ collection
     def _collect(self, trainer: L.Trainer, stage: str, outputs: Any) -> None:
@@ -259,13 +507,14 @@ class RunDirectory(Callback):
         splits = self._write_predictions(trainer, stage)
         results = getattr(pl_module, "eval_results", {})
         epoch = evaluated_epoch(trainer)
+        weights = self.weights(trainer, pl_module)
         if trainer.is_global_zero:
             for split in splits:
                 result = results.pop(split, None)
                 if result is None:
                     continue
                 payload = {**result, "epoch": epoch, "run": trainer.state.fn.value,
-                           "checkpoint": self.loaded["path"] if self.loaded else None}
+                           "checkpoint": self.loaded["path"] if self.loaded else None, "weights": weights}
                 path = run_path(trainer) / "miate" / f"{split}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(payload, indent=2))
@@ -292,20 +541,49 @@ class RunDirectory(Callback):
         return splits
 
     def _write_metrics(self, trainer: L.Trainer) -> None:
-        """``metrics.json``: the last value of each reported metric of this run (all its stages)."""
-        for key, value in trainer.callback_metrics.items():
-            if key.split("/")[-1] in REPORTED:
-                self._metrics[key] = float(value)
-        if trainer.is_global_zero and self._metrics:
-            path = run_path(trainer) / "metrics.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self._metrics, indent=2, sort_keys=True))
+        """The last value of each reported metric.
+
+        A fit (with the evaluations it runs after itself) writes ``metrics.json``. ``validate``/``test`` on
+        their own write ``metrics_<stage>.json`` and never touch the fit's file; in a folder where no fit ran
+        (a checkpoint only evaluated) they also merge their own keys into ``metrics.json``.
+        """
+        reported = {key: float(value) for key, value in trainer.callback_metrics.items()
+                    if key.split("/")[0] in STAGE_PREFIXES and key.split("/")[-1] in REPORTED}
+        if self._fitted:
+            self._metrics.update(reported)
+            if trainer.is_global_zero and self._metrics:
+                self.metrics_path = _write_json(run_path(trainer) / "metrics.json", self._metrics)
+            return
+        if not trainer.is_global_zero or not reported:
+            return
+        stage = trainer.state.fn.value
+        run_dir = run_path(trainer)
+        self.metrics_path = _write_json(run_dir / f"metrics_{stage}.json", reported)
+        if not holds_fit(run_dir):
+            path = run_dir / "metrics.json"
+            prefixes = {key.split("/")[0] for key in reported}
+            kept = {k: v for k, v in (read_json(path) if path.is_file() else {}).items()
+                    if k.split("/")[0] not in prefixes}
+            _write_json(path, {**kept, **reported})
 
     def state_dict(self) -> dict:
-        return {"metrics": dict(self._metrics)}
+        return {"metrics": dict(self._metrics), "training": self._training}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._metrics = dict(state_dict.get("metrics", {}))
+        if self._stage == "fit":  # an evaluation of a checkpoint reports its own metrics, not the fit's
+            self._metrics = dict(state_dict.get("metrics", {}))
+
+
+def _training(trainer: L.Trainer) -> dict:
+    """Trainer settings that decide which batches an optimizer step sees (compared when a fit resumes)."""
+    return {"world_size": trainer.world_size, "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "limit_train_batches": trainer.limit_train_batches}
+
+
+def _write_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return path
 
 
 def unique_ids(frame: pd.DataFrame, what: str) -> pd.DataFrame:

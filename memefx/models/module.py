@@ -16,6 +16,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
@@ -124,6 +125,64 @@ class MemeClassifier(L.LightningModule):
                 f"{self.backbone.vocab_size}: set model.backbone_args.vocab_size >= {len(tokenizer)} "
                 "(or data.vocab_size lower)"
             )
+        if stage == "fit":
+            self._check_monitored()
+
+    def _check_monitored(self) -> None:
+        """Refuse, before training, a callback monitoring a validation metric the validation split never gives.
+
+        An unlabeled split logs no ``val/*`` metric and a one-class split no AUROC/accuracy; Lightning would
+        only fail after epoch 0 ("could not find the monitored key"), with the run folder half written.
+        """
+        dm = getattr(self.trainer, "datamodule", None)
+        frames = getattr(dm, "frames", None) or {}
+        if not hasattr(dm, "eval_splits") or not self.trainer.limit_val_batches:
+            return
+        split = dm.eval_splits("val")[0]
+        if split not in frames:
+            return
+        labels = frames[split].label
+        positives, negatives = int((labels == 1).sum()), int((labels == 0).sum())
+        if positives and negatives:
+            return
+        for callback in self.trainer.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if not isinstance(monitor, str) or not monitor.startswith("val/"):
+                continue
+            if positives + negatives == 0:
+                why = f"has no labels ({len(labels)} memes): it logs no val/ metric"
+            elif monitor.split("/")[-1] in ("auroc", "acc"):
+                why = f"has one class only ({positives} hateful, {negatives} benign): it logs no AUROC or accuracy"
+            else:
+                continue
+            raise UserError(
+                f"{type(callback).__name__} monitors {monitor!r}, but the validation split {split!r} {why}: validate "
+                "on a labeled split (--data.val_split NAME, or --data.val_from_train 0.1) or monitor another metric")
+
+    def log(self, name: str, value, *args, **kwargs) -> None:
+        """``LightningModule.log``; a validation outside a fit reaches the loggers as ``val_ckpt/...``.
+
+        ``memefx validate`` and the best checkpoint re-validated after a fit are not one more epoch: under the
+        fit's ``val/*`` names, W&B and the CSV logger would draw them as a repeated last point of the per-epoch
+        curves. Callbacks, the progress bar and ``metrics.json`` still see the ``val/*`` names.
+        """
+        renamed = self._checkpoint_name(name) if not args else None
+        if renamed is None:
+            return super().log(name, value, *args, **kwargs)
+        super().log(name, value, **{**kwargs, "logger": False})
+        super().log(renamed, value, **{**kwargs, "logger": True, "prog_bar": False})
+
+    def _outside_fit(self) -> bool:
+        return self._trainer is not None and self.trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
+
+    def _checkpoint_name(self, name: str) -> str | None:
+        """The logger name of a validation metric logged outside a fit (``None``: keep the name)."""
+        if not self._outside_fit() or self.trainer.state.fn != TrainerFn.VALIDATING:
+            return None
+        for prefix in ("val/", "midas/val_"):
+            if name.startswith(prefix):
+                return prefix.rstrip("/_") + "_ckpt" + prefix[-1] + name[len(prefix):]
+        return None
 
     def forward(self, batch: dict, output_attentions: bool = False) -> BackboneOutput:
         return self.backbone(batch, output_attentions=output_attentions)
@@ -231,6 +290,10 @@ class MemeClassifier(L.LightningModule):
         self._end_eval_epoch("test")
 
     def _end_eval_epoch(self, stage: str) -> None:
+        if self._outside_fit():
+            # logged at the fit's last step with no epoch: Lightning would stamp the epoch counter's final value,
+            # an epoch that never trained (MIDAS's values logged in the same hook share the step)
+            super().log("step", float(self.trainer.global_step))
         for split in self._stage_splits.get(stage, []):
             ev = self.evaluators[f"{stage}__{split}"]
             positives, negatives = int(ev["positives"].compute()), int(ev["negatives"].compute())

@@ -1,7 +1,8 @@
 """``memefx report --compare RUN_A RUN_B``: what differs between two runs, and whether results match.
 
-Config and provenance differences are listed (information); metrics, predictions, miATE and MIDAS tables
-are compared with a tolerance and decide the exit status (non-zero when any result differs beyond it).
+Config and provenance differences are listed (information); metrics (``metrics.json`` and the
+``metrics_<stage>.json`` of later validate/test runs), predictions, miATE and MIDAS tables are compared
+with a tolerance and decide the exit status (non-zero when any result differs beyond it).
 """
 
 from __future__ import annotations
@@ -88,10 +89,15 @@ def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6) -> tu
     info += [f"provenance {d}" for d in _diff({k: v for k, v in pa.items() if k != "config"},
                                                {k: v for k, v in pb.items() if k != "config"})]
     results = []
-    ma, mb = _load(a / "metrics.json", "json"), _load(b / "metrics.json", "json")
-    for key in sorted(set(ma) | set(mb)):
-        if _numbers_differ(ma.get(key), mb.get(key), atol):
-            results.append(f"metric {key}: {ma.get(key)} -> {mb.get(key)}")
+    for rel in _files(a, b, "metrics*.json"):  # the fit's metrics.json and metrics_<stage>.json of later stages
+        if line := _only_in_one(a, b, rel):
+            results.append(line)
+            continue
+        ma, mb = _load(a / rel, "json"), _load(b / rel, "json")
+        where = "" if rel.name == "metrics.json" else f" ({rel.name})"
+        for key in sorted(set(ma) | set(mb)):
+            if _numbers_differ(ma.get(key), mb.get(key), atol):
+                results.append(f"metric {key}{where}: {ma.get(key)} -> {mb.get(key)}")
     for rel in _files(a, b, "predictions/*.parquet"):
         if line := _only_in_one(a, b, rel):
             results.append(line)

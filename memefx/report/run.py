@@ -24,15 +24,18 @@ from memefx.schema import KINDS  # noqa: E402
 def epoch_metrics(run_dir: Path) -> pd.DataFrame:
     """Per-epoch evaluation metrics of the fit, from the CSV logger's ``metrics.csv`` files.
 
-    Only epochs that trained are kept: an evaluation after the fit (the best checkpoint re-validated or
-    tested) is logged by Lightning under the epoch counter's final value, an epoch that never ran; its
-    numbers are in ``metrics.json`` and the miATE files, with the checkpoint's true epoch.
+    Only epochs that trained are kept. An evaluation outside the fit (the best checkpoint re-validated or
+    tested, ``memefx validate|test``) is logged without an epoch and its validation under ``val_ckpt/*``; logs
+    written before that change carry it under the epoch counter's final value, an epoch that never ran. Its
+    numbers are in ``metrics.json`` (``metrics_<stage>.json``) and the miATE files, with the checkpoint's epoch.
     """
     files = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"{run_dir}: no metrics.csv (was the run logged with the CSV logger?)")
     # a resumed run logs into a new logger version: later files win for the epochs they repeat
     frame = pd.concat([pd.read_csv(f).assign(_order=i) for i, f in enumerate(files)], ignore_index=True)
+    if "epoch" not in frame:  # only evaluations outside a fit were logged: no epoch at all
+        frame["epoch"] = float("nan")
     frame = frame.sort_values(["_order"], kind="stable").drop(columns="_order")
     trained = [c for c in frame.columns if c.startswith("train/")]
     if trained and frame[trained].notna().any().any():
@@ -248,6 +251,13 @@ def write_report(run_dir: str | Path) -> Path:
     md = [f"# memefx report: {run_dir}", ""]
     if metrics:
         md += ["| metric | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())] + [""]
+    for path in sorted(run_dir.glob("metrics_*.json")):  # `memefx validate|test` run later, beside the fit's
+        stage = path.stem.removeprefix("metrics_")
+        record = run_dir / f"provenance_{stage}.json"
+        weights = (read_json(record).get("weights") or {}).get("description") if record.is_file() else None
+        md += [f"`memefx {stage}`" + (f" on {weights}" if weights else "") + f" ({path.name}):", "",
+               "| metric | value |", "|---|---:|"]
+        md += [f"| {k} | {_fmt(v)} |" for k, v in sorted(read_json(path).items())] + [""]
     md += ["## miATE", "", miate_table(miates), ""]
     if note:
         md += [f"_{note}_", ""]
