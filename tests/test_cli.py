@@ -109,3 +109,27 @@ def test_synth_options_come_from_synthetic_config(tmp_path, capsys):
         main(["synth", "--help"])
     shown = capsys.readouterr().out
     assert all(f"--{field.name}" in shown for field in dataclasses.fields(SyntheticConfig))
+
+
+def test_help_lists_every_command(capsys):
+    from memefx.cli import TOOLS
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", *TOOLS):
+        assert f"\n  {command} " in text, command
+    assert main([]) == 2  # no command: the overview, and a usage error
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_commands_other_than_training_start_without_torch():
+    """``memefx --help``, synth, strata, study, miate and report do not import torch, Lightning or
+    transformers before they need them (a fit does)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from memefx.cli import main; import memefx.report.miate_cli, memefx.report.study; "
+            "print([m for m in ('torch', 'lightning', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

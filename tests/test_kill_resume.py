@@ -43,5 +43,5 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, tiny_root):
     resumed = _fit(config, run, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Restored all states" in resumed.stderr + resumed.stdout
-    info, results = compare_runs(tmp_path / "full", run, atol=0.0)
+    info, results = compare_runs(tmp_path / "full", run, atol=0.0, rtol=0.0)
     assert results == [], results

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from memefx.causal.miate import MiATE, miate, miate_from_predictions, stratum_effects, summarize
+from memefx.causal.miate import miate, miate_from_predictions, stratum_effects, summarize
+from memefx.causal.miate_metric import MiATE
 from memefx.data.strata import strata_members
 from memefx.data.synthetic import SyntheticConfig, generate_memes, truth_table
 from tests.conftest import free_port

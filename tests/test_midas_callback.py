@@ -158,3 +158,25 @@ def test_bad_options_are_refused():
         MIDASCallback(stages=["training"])
     with pytest.raises(ValueError, match="target"):
         MIDASCallback(target="loss")
+
+
+def test_heatmap_of_a_revalidated_checkpoint_gets_its_own_key(tmp_path, tiny_root):
+    """A loggers' image of the post-fit validation is not one more point of the fit's per-epoch series."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    class ImageLogger(CSVLogger):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.images = []
+
+        def log_image(self, key, images, step=None):
+            self.images.append((key, step))
+
+    dm, model = _setup(tiny_root)
+    logger = ImageLogger(tmp_path)
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=1, logger=logger,
+                        limit_train_batches=2, limit_val_batches=1, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[MIDASCallback(stages=["val"])], num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    trainer.validate(model, datamodule=dm)
+    assert [k for k, _ in logger.images] == ["midas/val_cross_heatmap", "midas/val_ckpt_cross_heatmap"]

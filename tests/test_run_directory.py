@@ -165,7 +165,7 @@ def _fake_run(folder: Path, p: list[float], empty_kind: bool = True) -> Path:
 def test_compare_equal_runs_with_an_empty_kind(tmp_path):
     p = [0.9, 0.1, 0.8, 0.3]
     a, b = _fake_run(tmp_path / "a", p), _fake_run(tmp_path / "b", p)
-    assert compare_runs(a, b, atol=0) == ([], [])
+    assert compare_runs(a, b, atol=0, rtol=0) == ([], [])
     assert set(json.loads((a / "miate" / "dev_seen.json").read_text())["shared_text"]) == set(
         json.loads((a / "miate" / "dev_seen.json").read_text())["shared_image"])
 
@@ -179,12 +179,12 @@ def test_compare_sees_files_only_in_b_and_one_ulp(tmp_path):
     (b / "midas").mkdir()
     pd.DataFrame({"id": ["00001"], "layer": [0], "head": [0], "block": ["text"], "score": ["attattr"],
                   "sum": [1.0]}).to_parquet(b / "midas" / "val_epoch0.parquet", index=False)
-    _, results = compare_runs(a, b, atol=0)
+    _, results = compare_runs(a, b, atol=0, rtol=0)
     text = "\n".join(results)
     assert "predictions/test_unseen.parquet: only in B" in text
     assert "midas/val_epoch0.parquet: only in B" in text
     assert "predictions/dev_seen.parquet: max |p_hateful difference|" in text
-    assert compare_runs(a, b, atol=1e-6)[1] == [r for r in results if "only in B" in r]
+    assert compare_runs(a, b, atol=1e-6, rtol=0)[1] == [r for r in results if "only in B" in r]
 
 
 # ----------------------------------------------------------------------------------- pure helpers
@@ -266,3 +266,20 @@ def test_unlabeled_and_one_class_splits_get_predictions_not_made_up_metrics(tmp_
     assert json.loads((run / "miate" / "test_unseen.json").read_text())["shared_image"]["n_strata"] == 0
     said = caplog.text
     assert "'test_unseen' has no labels" in said and "'test_seen' has one class only" in said
+
+
+def test_compare_tolerates_rounding_in_proportion_to_the_midas_scale(tmp_path):
+    """Only the thread count differs: MIDAS sums of size ~10 move by ~4e-6. Equal at the default tolerance,
+    different when bit-identity is asked for, and a real difference is still found."""
+    p = [0.9, 0.1, 0.8, 0.3]
+    a, b = _fake_run(tmp_path / "a", p), _fake_run(tmp_path / "b", p)
+    for folder, shift in ((a, 0.0), (b, 3.8e-6)):
+        (folder / "midas").mkdir()
+        pd.DataFrame({"id": ["00001", "00002"], "layer": 0, "head": 0, "block": "text", "score": "attattr",
+                      "sum": [12.5 + shift, -3.0]}).to_parquet(folder / "midas" / "val_epoch0.parquet", index=False)
+    assert compare_runs(a, b)[1] == []
+    assert any("attattr max |sum difference| 3.8e-06" in r for r in compare_runs(a, b, atol=1e-6, rtol=0)[1])
+    (b / "midas" / "val_epoch0.parquet").unlink()
+    pd.DataFrame({"id": ["00001", "00002"], "layer": 0, "head": 0, "block": "text", "score": "attattr",
+                  "sum": [12.6, -3.0]}).to_parquet(b / "midas" / "val_epoch0.parquet", index=False)
+    assert compare_runs(a, b)[1]

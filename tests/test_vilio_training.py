@@ -78,7 +78,7 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, tiny_root):
     assert killed.returncode == -signal.SIGKILL
     resumed = _fit(config, run, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    info, results = compare_runs(tmp_path / "full", run, atol=0.0)
+    info, results = compare_runs(tmp_path / "full", run, atol=0.0, rtol=0.0)
     assert results == [], results
 
 

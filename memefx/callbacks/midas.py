@@ -206,8 +206,10 @@ class MIDASCallback(Callback):
         image = grid.pivot(index="layer", columns="head", values="mean").to_numpy()
         lo, hi = np.nanmin(image), np.nanmax(image)
         scaled = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+        # a validation outside a fit (a checkpoint re-validated) is no epoch of the fit's curves: its own key
+        name = f"{stage}_ckpt" if stage == "val" and trainer.state.fn == "validate" else stage
         for logger in loggers:
-            logger.log_image(key=f"midas/{stage}_cross_heatmap", images=[scaled], step=trainer.global_step)
+            logger.log_image(key=f"midas/{name}_cross_heatmap", images=[scaled], step=trainer.global_step)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -6,7 +6,8 @@ For a stratum g (memes that share a picture, or a text, with both labels present
 
 The estimate is the unweighted mean over strata with its standard error and a seeded stratum-bootstrap
 95% interval; the member-weighted mean, a placebo refuter and the curve of the mean over thresholds are
-reported beside it. The pure functions work on pandas frames; ``MiATE`` is the torchmetrics shell.
+reported beside it. The pure functions work on pandas frames (no torch: ``memefx miate`` starts fast);
+``memefx.causal.miate_metric.MiATE`` is the torchmetrics shell.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import math
 
 import numpy as np
 import pandas as pd
-import torch
-from torchmetrics import Metric
 
 DEFAULT_TAUS = tuple(np.round(np.linspace(-1.0, 1.0, 21), 2).tolist())
 
@@ -159,46 +158,3 @@ def miate_from_predictions(predictions: pd.DataFrame, members: pd.DataFrame, kin
     if len(clash):
         raise ValueError(f"{len(clash)} labels in predictions disagree with the confounder table: {clash.id.tolist()[:10]}")
     return miate(rows.rename(columns={"p_hateful": "p"})[["id", "stratum", "label", "p"]], **options)
-
-
-class MiATE(Metric):
-    """torchmetrics shell: collects (meme id, stratum, label, p) and reports ``miate`` at compute.
-
-    States are concatenated across processes and de-duplicated by meme id at compute time, because
-    DistributedSampler pads the last batch with repeated samples: sum states would count those twice.
-    """
-
-    full_state_update = False
-
-    def __init__(self, n_bootstrap: int = 1000, seed: int = 0, threshold: float | None = None,
-                 correct_only: bool = False, pairs_only: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.options = {"n_bootstrap": n_bootstrap, "seed": seed, "threshold": threshold,
-                        "correct_only": correct_only, "pairs_only": pairs_only}
-        for name in ("row_ids", "strata", "labels", "probs"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
-
-    def update(self, probs: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor, row_ids: torch.Tensor) -> None:
-        """Add a batch. ``row_ids`` are integer meme ids (unique per split); stratum -1 means none."""
-        if torch.isnan(probs).any():
-            bad = row_ids[torch.isnan(probs)].tolist()[:10]
-            raise ValueError(f"MiATE.update: {int(torch.isnan(probs).sum())} NaN probabilities (meme ids {bad})")
-        keep = strata >= 0
-        self.row_ids.append(row_ids[keep].long())
-        self.strata.append(strata[keep].long())
-        self.labels.append(labels[keep].long())
-        self.probs.append(probs[keep].detach().double())
-
-    def _frame(self) -> pd.DataFrame:
-        def flat(state) -> np.ndarray:
-            if isinstance(state, torch.Tensor):
-                return state.cpu().numpy()
-            return torch.cat(state).cpu().numpy() if state else np.zeros(0)
-
-        frame = pd.DataFrame({"id": flat(self.row_ids), "stratum": flat(self.strata),
-                              "label": flat(self.labels), "p": flat(self.probs)})
-        return frame.drop_duplicates("id").sort_values("id").reset_index(drop=True)
-
-    def compute(self) -> dict:
-        # an empty kind goes through the same function: one fixed set of keys whatever the data
-        return miate(self._frame(), **self.options)

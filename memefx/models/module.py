@@ -23,7 +23,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
-from memefx.causal.miate import MiATE
+from memefx.causal.miate_metric import MiATE
 from memefx.errors import UserError
 from memefx.models.backbones import BACKBONES, BackboneOutput, build_backbone
 from memefx.schema import KINDS

@@ -3,6 +3,11 @@
 Config and provenance differences are listed (information); metrics (``metrics.json`` and the
 ``metrics_<stage>.json`` of later validate/test runs), predictions, miATE and MIDAS tables are compared
 with a tolerance and decide the exit status (non-zero when any result differs beyond it).
+
+Two numbers match when |a - b| <= atol + rtol * scale, numpy's ``isclose`` rule: the scale of a metric,
+probability or miATE figure is its own magnitude; of a MIDAS table, the largest |sum| of its score (block
+sums of a long sequence are large, and a rerun with another thread count moves them by float rounding
+in proportion). Bit-identical runs need the same machine type, library versions and thread count.
 """
 
 from __future__ import annotations
@@ -61,11 +66,11 @@ def _missing(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def _numbers_differ(x, y, atol: float) -> bool:
+def _numbers_differ(x, y, atol: float, rtol: float = 0.0) -> bool:
     """Missing (absent, None or NaN) on both sides is equal; on one side only, a difference."""
     if _missing(x) or _missing(y):
         return _missing(x) != _missing(y)
-    return abs(float(x) - float(y)) > atol
+    return abs(float(x) - float(y)) > atol + rtol * max(abs(float(x)), abs(float(y)))
 
 
 def _files(a: Path, b: Path, pattern: str) -> list[Path]:
@@ -79,8 +84,9 @@ def _only_in_one(a: Path, b: Path, rel: Path) -> str | None:
     return f"{rel}: only in {'A' if (a / rel).is_file() else 'B'}"
 
 
-def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6) -> tuple[list[str], list[str]]:
-    """Return (informational differences, result differences beyond ``atol``)."""
+def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6,
+                 rtol: float = 1e-5) -> tuple[list[str], list[str]]:
+    """Return (informational differences, result differences beyond ``atol + rtol * scale``)."""
     a, b = Path(run_a), Path(run_b)
     config_a = _relative_to_run(_load(a / "config.yaml", "yaml"), a)
     config_b = _relative_to_run(_load(b / "config.yaml", "yaml"), b)
@@ -96,7 +102,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6) -> tu
         ma, mb = _load(a / rel, "json"), _load(b / rel, "json")
         where = "" if rel.name == "metrics.json" else f" ({rel.name})"
         for key in sorted(set(ma) | set(mb)):
-            if _numbers_differ(ma.get(key), mb.get(key), atol):
+            if _numbers_differ(ma.get(key), mb.get(key), atol, rtol):
                 results.append(f"metric {key}{where}: {ma.get(key)} -> {mb.get(key)}")
     for rel in _files(a, b, "predictions/*.parquet"):
         if line := _only_in_one(a, b, rel):
@@ -106,8 +112,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6) -> tu
         merged = x.merge(y, on="id", how="outer", suffixes=("_a", "_b"), indicator=True)
         if (merged["_merge"] != "both").any():
             results.append(f"{rel}: {int((merged['_merge'] != 'both').sum())} ids in only one run")
-        gap = (merged.p_hateful_a - merged.p_hateful_b).abs().max()
-        if gap > atol:
+        gap = (merged.p_hateful_a - merged.p_hateful_b).abs()
+        bound = atol + rtol * merged[["p_hateful_a", "p_hateful_b"]].abs().max(axis=1)
+        if (gap > bound).any():
+            gap = gap.max()
             results.append(f"{rel}: max |p_hateful difference| {gap:.3g}")
     for rel in _files(a, b, "miate/*.json"):
         if line := _only_in_one(a, b, rel):
@@ -117,7 +125,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6) -> tu
         for kind in KINDS:
             for key in ("mean", "ci_low", "ci_high", "n_strata", "weighted_mean"):
                 va, vb = (x.get(kind) or {}).get(key), (y.get(kind) or {}).get(key)
-                if _numbers_differ(va, vb, atol):
+                if _numbers_differ(va, vb, atol, rtol):
                     results.append(f"{rel} {kind}.{key}: {va} -> {vb}")
     for rel in _files(a, b, "midas/*.parquet"):
         if line := _only_in_one(a, b, rel):
@@ -128,6 +136,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6) -> tu
         y = pd.read_parquet(b / rel).sort_values(keys, ignore_index=True)
         if len(x) != len(y) or not x[keys].equals(y[keys]):
             results.append(f"{rel}: different rows")
-        elif (gap := (x["sum"] - y["sum"]).abs().max()) > atol:
-            results.append(f"{rel}: max |sum difference| {gap:.3g}")
+        else:
+            for score, rows in x.groupby("score"):
+                other = y.loc[rows.index, "sum"]
+                gap = float((rows["sum"] - other).abs().max())
+                scale = float(max(rows["sum"].abs().max(), other.abs().max()))
+                if gap > atol + rtol * scale:
+                    results.append(f"{rel}: {score} max |sum difference| {gap:.3g} (largest |sum| {scale:.3g})")
     return info, results

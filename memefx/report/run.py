@@ -89,8 +89,10 @@ def plot_threshold_curve(miate: dict, out: Path) -> Path | None:
     if not ax.lines:
         plt.close(fig)
         return None
-    ax.set(xlabel="threshold tau", ylabel="mean miATE of kept strata",
-           title=f"{miate['split']}: selection on the outcome (dashed: no cut)")
+    ax.set(xlabel="threshold tau (strata with miATE_g >= tau kept)", ylabel="mean miATE of the kept strata",
+           title=f"{miate['split']}: mean miATE after keeping strata with miATE_g >= tau\n"
+                 "(dashed: every stratum; a cut on the outcome inflates the mean)")
+    ax.title.set_fontsize(9)
     ax.legend()
     return _save(fig, out / f"{miate['split']}_threshold_curve.png")
 
@@ -110,6 +112,9 @@ def midas_tables(run_dir: Path) -> dict[tuple[str, int, bool], Path]:
     return dict(sorted(out.items()))
 
 
+SCORE_NAMES = {"attattr": "attention x gradient", "gradient": "gradient", "attention": "attention"}
+
+
 def plot_midas_curves(tables: dict[tuple[str, int, bool], Path], out: Path, score: str = "attattr") -> Path | None:
     """Block means (sums of sums over sums of counts) per epoch, one panel per stage.
 
@@ -125,10 +130,16 @@ def plot_midas_curves(tables: dict[tuple[str, int, bool], Path], out: Path, scor
         parts.append(block_summary(pd.read_parquet(path, filters=[("score", "==", score)])).assign(ckpt=ckpt))
     summary = pd.concat(parts)
     stages = [s for s in ("train", "val", "test") if s in set(summary.stage)]
-    # one epoch axis for all panels: a lone checkpoint point sits where its epoch is on the curves
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.8), squeeze=False, sharex=True)
+    # one epoch axis for the curve panels: a lone checkpoint point sits where its epoch is on the curves
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.8), squeeze=False)
+    curves = [ax for ax, stage in zip(axes[0], stages) if summary[summary.stage == stage].epoch.nunique() > 1]
+    for ax in curves[1:]:
+        ax.sharex(curves[0])
     for ax, stage in zip(axes[0], stages):
         rows = summary[summary.stage == stage]
+        if rows.epoch.nunique() == 1:  # one evaluation (a checkpoint tested once): its block means as bars
+            _midas_bars(ax, rows, stage, score)
+            continue
         for i, (block, part) in enumerate(rows.groupby("block")):
             color = f"C{i}"
             fit = part[~part.ckpt]
@@ -139,10 +150,26 @@ def plot_midas_curves(tables: dict[tuple[str, int, bool], Path], out: Path, scor
                 ax.scatter(ckpt.epoch, ckpt["mean"], marker="*", s=120, color=color,
                            label=f"{block} (checkpoint)" if fit.empty else None)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set(title=f"{stage}: MIDAS {score} block mean", xlabel="epoch (star: checkpoint after the fit)")
+        ax.set(title=f"{stage}: MIDAS {score} block mean", xlabel="epoch (star: checkpoint after the fit)",
+               ylabel=f"block mean of {SCORE_NAMES.get(score, score)}")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
     return _save(fig, out / f"midas_{score}_curves.png")
+
+
+def _midas_bars(ax, rows: pd.DataFrame, stage: str, score: str) -> None:
+    """A stage evaluated once: one bar per block, its value written on it (a lone point on an epoch axis
+    reads as an empty plot)."""
+    rows = rows.sort_values("block")
+    epoch = int(rows.epoch.iloc[0])
+    ax.bar(rows.block, rows["mean"], color=[f"C{i}" for i in range(len(rows))])
+    for x, value in enumerate(rows["mean"]):
+        ax.annotate(f"{value:.2e}", (x, value), ha="center", va="bottom" if value >= 0 else "top", fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8)
+    weights = "the weights the model was built with" if epoch < 0 else f"weights of epoch {epoch}"
+    ax.set(title=f"{stage}: MIDAS {score} block mean ({weights})", xlabel="block",
+           ylabel=f"block mean of {SCORE_NAMES.get(score, score)}")
+    ax.title.set_fontsize(9)
 
 
 def plot_midas_heatmap(path: Path, out: Path, block: str = "cross", score: str = "attattr") -> Path:
@@ -151,13 +178,23 @@ def plot_midas_heatmap(path: Path, out: Path, block: str = "cross", score: str =
 
     table = pd.read_parquet(path, filters=[("score", "==", score), ("block", "==", block)])
     grid = block_summary(table, by=("layer", "head")).pivot(index="layer", columns="head", values="mean")
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * grid.shape[1], 1 + 0.5 * grid.shape[0]))
-    lim = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
-    im = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set(xlabel="head", ylabel="layer", title=f"{path.stem}: {block} {score}",
+    values = grid.to_numpy()
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.5 + 0.6 * grid.shape[1]), max(3.5, 1.5 + 0.45 * grid.shape[0])))
+    lim = float(np.nanmax(np.abs(values))) or 1.0
+    im = ax.imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set(xlabel="head", ylabel="layer", title=f"{path.stem}: {block} block, mean {SCORE_NAMES.get(score, score)}",
            xticks=range(grid.shape[1]), yticks=range(grid.shape[0]), yticklabels=grid.index)
-    fig.colorbar(im, ax=ax)
-    return _save(fig, out / f"{path.stem}_{block}_heatmap.png")
+    ax.title.set_fontsize(9)
+    bar = fig.colorbar(im, ax=ax)
+    bar.set_label(f"block mean of {SCORE_NAMES.get(score, score)}", fontsize=8)
+    zero = [int(layer) for layer, row in zip(grid.index, values) if np.all(row == 0)]
+    if zero and score != "attention":
+        # the classifier reads [CLS] only, so in the last layer no other query row reaches it: blocks
+        # without a [CLS] row get no gradient there (exactly 0), which says nothing about attention
+        fig.text(0.01, 0.01, f"layer {', '.join(map(str, zero))}: exactly 0. In the last layer only the [CLS] row reaches\n"
+                 "the classifier, and this block holds no [CLS] row: its entries get no gradient.", fontsize=7,
+                 ha="left", va="bottom")
+    return _save(fig, out / f"{path.stem}_{block}_heatmap.png", rect=(0, 0.12 if zero else 0, 1, 1))
 
 
 def stratum_analysis(run_dir: Path, table_path: Path, miate: dict) -> dict | None:
@@ -190,8 +227,8 @@ def _run_confounders(run_dir: Path) -> Path | None:
     return None
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Path:
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
