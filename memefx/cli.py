@@ -208,7 +208,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(err, USER_ERRORS) else 1
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Every ``--config FILE`` must exist and parse as YAML: the parsers' own error names no file and comes
+    after a page of usage text."""
+    import yaml
+
+    for k, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[k + 1] if arg == "--config" and k + 1 < len(argv) else None
+        if value is None or value.lstrip().startswith(("{", "[")):
+            continue  # an inline YAML/JSON value: the parser reports it
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"--config {value}: no such file")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UserError(f"{where}: not valid YAML ({problem}); check the indentation there") from None
+
+
 def _dispatch(argv: list[str], from_shell: bool = False) -> int:
+    check_config_files(argv)
     if argv and argv[0] == "icl":
         from memefx.icl.cli import main as icl_main
 

@@ -133,3 +133,13 @@ def test_commands_other_than_training_start_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_broken_config_file_is_named_before_any_usage_text(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_epochs: 1\n   devices: 1\n")
+    assert main(["fit", "--config", "configs/experiment/synthetic_visualbert.yaml", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3:" in err and "not valid YAML" in err and "usage" not in err
+    assert main(["synth", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "s")]) == 2
+    assert "missing.yaml: no such file" in capsys.readouterr().err
