@@ -86,8 +86,32 @@ def test_killed_run_resumes_without_loss_or_duplicates(tiny_llama, tmp_path):
 
 
 def test_score_mode_gives_p_hateful(tiny_llama, tmp_path):
-    out = run(_prompts(3), EngineConfig(model=tiny_llama), tmp_path / "s", mode="score")
-    assert out.p_hateful.between(0, 1).all() and {"logprob_benign", "logprob_hateful"} <= set(out.columns)
+    """A model whose ' hateful' tokens are planted to win scores p_hateful near 1, one planted the other way
+    near 0, whatever order the continuations are given in: the columns cannot be swapped."""
+    from memefx.icl.engine import encode_continuations
+
+    model, tok = load(EngineConfig(model=tiny_llama))
+    prompts = _prompts(3)
+    words = {c: {t for p in prompts.prompt for t in encode_continuations(tok, p, [c])[0]} for c in (" hateful", " benign")}
+    only = {c: sorted(words[c] - words[o]) for c, o in ((" hateful", " benign"), (" benign", " hateful"))}
+    assert only[" hateful"] and only[" benign"]
+
+    def planted(winner):
+        def hook(module, args, logits):
+            logits[..., only[winner]] += 30.0
+            return logits
+        return model.lm_head.register_forward_hook(hook)
+
+    for winner, order in ((" hateful", (" benign", " hateful")), (" hateful", (" hateful", " benign")),
+                          (" benign", (" benign", " hateful"))):
+        handle = planted(winner)
+        try:
+            out = run(prompts, EngineConfig(model=tiny_llama), tmp_path / f"s{winner}{order[0]}", mode="score",
+                      continuations=order, model=model, tok=tok)
+        finally:
+            handle.remove()
+        assert {"logprob_benign", "logprob_hateful"} <= set(out.columns)
+        assert (out.p_hateful > 0.99).all() if winner == " hateful" else (out.p_hateful < 0.01).all(), (winner, order)
 
 
 @pytest.mark.slow  # spawns processes

@@ -204,10 +204,22 @@ def test_backbone_args_from_the_command_line_are_typed():
         coerce_backbone_args("visualbert", {"hidden_size": "big"})
 
 
-def test_cli_override_of_backbone_args(tmp_path, tiny_root):
+def test_cli_override_of_backbone_args(tmp_path, tiny_root, monkeypatch):
+    """``--model.backbone_args.hidden_size 16`` reaches the built backbone (the YAML says 32), typed as int."""
+    import memefx.models.module as module
+
+    built = []
+    original = module.build_backbone
+    monkeypatch.setattr(module, "build_backbone", lambda name, **kw: built.append((kw, original(name, **kw))) or built[-1][1])
     run = tmp_path / "run"
     assert main(["fit", "--config", str(tiny_config(tmp_path, tiny_root)), *FAST, "--trainer.default_root_dir",
                  str(run), "--model.backbone_args.hidden_size", "16", "--trainer.limit_val_batches", "0"]) == 0
+    kwargs, backbone = built[-1]
+    assert kwargs["hidden_size"] == 16 and kwargs["num_layers"] == 2  # the override, the rest from the YAML
+    assert backbone.encoder.config.hidden_size == 16
+    assert backbone.encoder.embeddings.word_embeddings.weight.shape[1] == 16
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["backbone_args"]["hidden_size"] == 16
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

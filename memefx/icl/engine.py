@@ -480,6 +480,6 @@ def run(prompts: pd.DataFrame, cfg: EngineConfig, cache: str | Path, mode: Liter
     result = pd.DataFrame(rows, index=prompts.index).drop(columns=["key"], errors="ignore")
     prompts = prompts.drop(columns=[c for c in result.columns if c in prompts.columns])  # fresh answers win
     if mode == "score" and {"logprob_benign", "logprob_hateful"} <= set(result.columns):
-        pair = torch.tensor(result[["logprob_benign", "logprob_hateful"]].to_numpy(dtype=float))
+        pair = torch.tensor(result[["logprob_benign", "logprob_hateful"]].to_numpy(dtype=float, copy=True))  # any column order
         result["p_hateful"] = pair.softmax(-1)[:, 1].numpy()  # a continuous score for AUROC and miATE
     return pd.concat([prompts, result], axis=1)
