@@ -24,7 +24,7 @@ from memefx.callbacks.run_directory import (
 )
 from memefx.data.datamodule import MemeDataModule
 from memefx.errors import UserError, read_json
-from memefx.models.module import MemeClassifier
+from memefx.models.module import MemeClassifier, coerce_backbone_args
 
 
 class MemeCLI(LightningCLI):
@@ -42,6 +42,10 @@ class MemeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config.get("model")
+        if model is not None and model.get("backbone_args"):
+            # typed once, here, so the saved config.yaml holds 16, not the command line's '16'
+            model["backbone_args"] = coerce_backbone_args(model["backbone"], dict(model["backbone_args"]))
         trainer = config["trainer"]
         run_dir = trainer.get("default_root_dir") or "."
         loggers = trainer.get("logger")
