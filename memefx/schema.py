@@ -14,3 +14,5 @@ SEGMENT_NAMES = {SPECIAL: "special", TEXT: "text", IMAGE: "image", PAD: "pad"}
 # the picture varies), with the confounder-table column naming each group's anchor.
 KINDS = ("shared_image", "shared_text")
 KIND_COLUMN = {"shared_image": "img_org_id", "shared_text": "txt_org_id"}
+# the batch key (and data-frame column) holding each meme's stratum id of a kind (-1: none)
+STRATUM_COLUMN = {"shared_image": "stratum_image", "shared_text": "stratum_text"}

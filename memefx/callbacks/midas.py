@@ -30,6 +30,7 @@ from memefx.attribution.midas import (
     to_table,
 )
 from memefx.callbacks.run_directory import midas_table_path
+from memefx.contract import AttentionCapture, EvalCapture, TrainCapture
 
 PLAIN = ("ids", "layers", "epoch", "batches")  # buffer entries that are not lists of tensors
 
@@ -65,6 +66,27 @@ class MIDASCallback(Callback):
         self._buffers: dict[str, dict[str, list]] = {}
         self._reducer: BackwardBlockReducer | None = None
         self._captured: dict | None = None
+        self._weights_epoch: int | None = None  # epoch of the checkpoint an evaluation loaded
+        self._trained_epoch: int | None = None  # last epoch trained in this process
+
+    # ------------------------------------------------------------------------------------ the contract
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not isinstance(pl_module, AttentionCapture):
+            raise TypeError(f"MIDASCallback needs a LightningModule with request_capture() and pop_capture() "
+                            f"(memefx.contract.AttentionCapture); {type(pl_module).__name__} has "
+                            f"{[m for m in ('request_capture', 'pop_capture') if hasattr(pl_module, m)] or 'neither'}")
+        self._weights_epoch = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._weights_epoch = int(checkpoint["epoch"]) if "epoch" in checkpoint else None
+
+    def _evaluated_epoch(self) -> int | None:
+        """Outside a fit: the loaded checkpoint's epoch, else the last epoch this process trained (None: the
+        weights the model was built with)."""
+        return self._weights_epoch if self._weights_epoch is not None else self._trained_epoch
+
+    def _request(self, pl_module, train: bool = False) -> None:
+        pl_module.request_capture(train, [s for s in self.stages if s != "train"])
 
     # ------------------------------------------------------------------------------------ collection
     def _keep(self, attentions):
@@ -85,7 +107,7 @@ class MIDASCallback(Callback):
         self._flush_stale(trainer, pl_module)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        pl_module.capture_eval = {s for s in self.stages if s != "train"}
+        self._request(pl_module)
         self._flush_stale(trainer, pl_module)
 
     def _flush_stale(self, trainer, pl_module) -> None:
@@ -96,17 +118,16 @@ class MIDASCallback(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._drop_reducer()  # left over only if the previous backward raised
-        pl_module.capture_attentions = "train" in self.stages and batch_idx % self.train_every_n_steps == 0
+        self._request(pl_module, "train" in self.stages and batch_idx % self.train_every_n_steps == 0)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         """Hook the captured attention maps so the training backward reduces their gradients in passing."""
-        captured = getattr(pl_module, "captured", None)
-        if not captured or "stage" in captured:
+        captured = pl_module.pop_capture()
+        if not isinstance(captured, TrainCapture):
             return
-        pl_module.captured = None
-        layers, attentions = self._keep(captured["attentions"])
-        self._reducer = BackwardBlockReducer(attentions, captured["segments"], self.scores)
-        self._captured = {"layers": layers, "p_gold": captured["p_gold"], "ids": captured["ids"]}
+        layers, attentions = self._keep(captured.attentions)
+        self._reducer = BackwardBlockReducer(attentions, captured.segments, self.scores)
+        self._captured = {"layers": layers, "p_gold": captured.p_gold, "ids": captured.ids}
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reducer, captured = self._reducer, self._captured
@@ -123,54 +144,55 @@ class MIDASCallback(Callback):
             self._reducer.remove()
         self._reducer, self._captured = None, None
 
-    def _eval_batch(self, stage: str, trainer, pl_module) -> None:
-        captured = getattr(pl_module, "captured", None)
-        pl_module.captured = None
-        if stage not in self.stages or trainer.sanity_checking or not captured or captured.get("stage") != stage:
+    def _eval_batch(self, stage: str, trainer, outputs) -> None:
+        captured = getattr(outputs, "capture", None)  # EvalStepOutput.capture: what the step kept for MIDAS
+        if stage not in self.stages or trainer.sanity_checking or not isinstance(captured, EvalCapture) \
+                or captured.stage != stage:
             return
-        out, batch = captured["out"], captured["batch"]
-        layers, attentions = self._keep(out.attentions)
-        reducer = BackwardBlockReducer(attentions, out.segments, self.scores)
+        layers, attentions = self._keep(captured.attentions)
+        reducer = BackwardBlockReducer(attentions, captured.segments, self.scores)
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                probs = out.logits.float().softmax(-1)
-                tgt = target_classes(probs.detach(), batch["labels"], self.target)
+                probs = captured.logits.float().softmax(-1)
+                tgt = target_classes(probs.detach(), captured.labels, self.target)
                 f = probs.gather(1, tgt[:, None]).sum()  # samples do not interact: one backward for all
                 # differentiating down to the earliest kept layer runs every kept layer's hook on the way;
                 # only that one gradient is returned (and dropped), none is kept per layer
                 torch.autograd.grad(f, attentions[int(np.argmin(layers))])
         finally:
             reducer.remove()
-        self._add(stage, trainer.current_epoch, list(batch["ids"]), reducer.result(), layers)
+        self._add(stage, trainer.current_epoch, captured.ids, reducer.result(), layers)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch("val", trainer, pl_module)
+        self._eval_batch("val", trainer, outputs)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch("test", trainer, pl_module)
+        self._eval_batch("test", trainer, outputs)
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        pl_module.capture_eval = {s for s in self.stages if s != "train"}
+        self._request(pl_module)
 
     # ------------------------------------------------------------------------------------ epoch ends
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.capture_attentions = False
+        self._request(pl_module, False)
+        self._trained_epoch = trainer.current_epoch
         self._flush("train", trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.capture_eval = set()
+        pl_module.request_capture(False, [])
         if not trainer.sanity_checking:
             self._flush("val", trainer, pl_module)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.capture_eval = set()
+        pl_module.request_capture(False, [])
         self._flush("test", trainer, pl_module)
 
     def _flush(self, stage: str, trainer, pl_module) -> None:
         buf = self._buffers.pop(stage, None)
         table = None
-        # the run directory names the file and the epoch whose weights were evaluated
-        path, epoch = midas_table_path(trainer, stage, trainer.current_epoch if buf is None else buf["epoch"])
+        # the file and the epoch whose weights were evaluated (a fit's epoch, or a checkpoint's)
+        path, epoch = midas_table_path(trainer, stage, trainer.current_epoch if buf is None else buf["epoch"],
+                                       self._evaluated_epoch())
         epoch = -1 if epoch is None else epoch  # -1: untrained weights
         batches = 0
         if buf is not None:  # one host transfer per epoch and stage

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from memefx.contract import EvalStepOutput, EvaluationResults
 from memefx.errors import UserError, read_json
 from memefx.provenance import file_digest as sha256
 
@@ -62,34 +63,19 @@ def run_path(trainer: L.Trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
-def evaluated_epoch(trainer: L.Trainer) -> int | None:
-    """The training epoch whose weights an evaluation sees.
-
-    In a fit, the current epoch. Outside a fit (validate/test/predict), the epoch stored in the loaded
-    checkpoint, else the last epoch trained in this process, else ``None`` (untrained weights): a
-    re-validation after a fit never invents an epoch that did not train.
-    """
-    if trainer.state.fn == TrainerFn.FITTING:
-        return trainer.current_epoch
-    owner = find(trainer)
-    if owner is not None and owner.loaded is not None:
-        return owner.loaded["epoch"]
-    if owner is not None and owner.last_trained_epoch is not None:
-        return owner.last_trained_epoch
-    return None
-
-
-def midas_table_path(trainer: L.Trainer, stage: str, epoch: int) -> tuple[Path, int | None]:
+def midas_table_path(trainer: L.Trainer, stage: str, epoch: int, weights_epoch: int | None = None
+                     ) -> tuple[Path, int | None]:
     """Where MIDAS writes a stage's table and the epoch it carries.
 
     Fit: ``midas/<stage>_epoch<k>.parquet``. Evaluation outside a fit (a checkpoint re-validated or
-    tested): ``midas/<stage>_ckpt_epoch<k>.parquet`` with ``k`` the checkpoint's epoch, so a report draws it
-    as one point at the epoch that trained those weights, not as a further epoch.
+    tested): ``midas/<stage>_ckpt_epoch<k>.parquet`` with ``k = weights_epoch``, the epoch that trained the
+    weights evaluated (``None``: the weights the model was built with), so a report draws it as one point
+    at that epoch, not as a further epoch.
     """
     folder = run_path(trainer) / "midas"
     if trainer.state.fn == TrainerFn.FITTING:
         return folder / f"{stage}_epoch{epoch}.parquet", epoch
-    k = evaluated_epoch(trainer)
+    k = weights_epoch
     return folder / f"{stage}_ckpt_epoch{'init' if k is None else k}.parquet", k
 
 
@@ -471,11 +457,29 @@ class RunDirectory(Callback):
                 "description": f"the weights the model was built with (model.backbone_args.checkpoint {init})" if init
                 else "the model's initial weights: untrained (no --ckpt_path, no model.backbone_args.checkpoint)"}
 
+    def evaluated_epoch(self, trainer: L.Trainer) -> int | None:
+        """The training epoch whose weights an evaluation sees.
+
+        In a fit, the current epoch. Outside a fit (validate/test/predict), the epoch stored in the loaded
+        checkpoint, else the last epoch trained in this process, else ``None`` (untrained weights): a
+        re-validation after a fit never invents an epoch that did not train.
+        """
+        if trainer.state.fn == TrainerFn.FITTING:
+            return trainer.current_epoch
+        if self.loaded is not None:
+            return self.loaded["epoch"]
+        return self.last_trained_epoch
+
     # ------------------------------------------------------------------------------------ collection
     def _collect(self, trainer: L.Trainer, stage: str, outputs: Any) -> None:
-        if trainer.sanity_checking or not isinstance(outputs, dict) or "ids" not in outputs:
+        """Keep a step's (ids, labels, p_hateful, split), never its attention capture (a graph)."""
+        if trainer.sanity_checking:
             return
-        self._outputs.setdefault(stage, []).append(outputs)
+        if isinstance(outputs, EvalStepOutput):
+            outputs = {"ids": outputs.ids, "labels": outputs.labels, "p_hateful": outputs.p_hateful, "split": outputs.split}
+        if not isinstance(outputs, dict) or "ids" not in outputs:
+            return
+        self._outputs.setdefault(stage, []).append({k: outputs[k] for k in ("ids", "labels", "p_hateful", "split")})
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(trainer, "val", outputs)
@@ -505,13 +509,13 @@ class RunDirectory(Callback):
 
     def _write_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         splits = self._write_predictions(trainer, stage)
-        results = getattr(pl_module, "eval_results", {})
-        epoch = evaluated_epoch(trainer)
+        results = pl_module.evaluation_results() if isinstance(pl_module, EvaluationResults) else {}
+        epoch = self.evaluated_epoch(trainer)
         weights = self.weights(trainer, pl_module)
         if trainer.is_global_zero:
             for split in splits:
-                result = results.pop(split, None)
-                if result is None:
+                result = results.get(split)
+                if result is None or result.get("stage") != stage:  # no miATE of this split in this stage
                     continue
                 payload = {**result, "epoch": epoch, "run": trainer.state.fn.value,
                            "checkpoint": self.loaded["path"] if self.loaded else None, "weights": weights}

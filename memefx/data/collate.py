@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from memefx.schema import IMAGE, PAD, SEGMENT_NAMES, SPECIAL, TEXT  # noqa: F401  (re-exported for older imports)
+from memefx.schema import IMAGE, PAD, SEGMENT_NAMES, SPECIAL, STRATUM_COLUMN, TEXT  # noqa: F401  (re-exported)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -141,8 +141,8 @@ class MemeCollator:
         if splits:
             batch["split"] = splits.pop()
         batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
-        batch["stratum_image"] = torch.tensor([it["stratum_image"] for it in items], dtype=torch.long)
-        batch["stratum_text"] = torch.tensor([it["stratum_text"] for it in items], dtype=torch.long)
+        for column in STRATUM_COLUMN.values():
+            batch[column] = torch.tensor([it[column] for it in items], dtype=torch.long)
         if "pixel_values" in items[0]:
             batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
         if "regions" in items[0]:

@@ -29,6 +29,7 @@ from memefx.data.tables import (
     read_captions,
     read_confounders,
 )
+from memefx.schema import STRATUM_COLUMN
 
 ROLES = ("train", "val", "test", "predict")
 
@@ -54,7 +55,7 @@ class MemeDataset(Dataset):
         row = self.frame.iloc[index]
         item = {
             "id": row.id, "text": row.text, "label": int(row.label), "split": row.split,
-            "stratum_image": int(row.stratum_image), "stratum_text": int(row.stratum_text),
+            **{column: int(getattr(row, column)) for column in STRATUM_COLUMN.values()},
         }
         if "tags" in self.frame.columns:
             item["tags"] = row.tags
@@ -346,7 +347,7 @@ class MemeDataModule(L.LightningDataModule):
                 check_confounders_cover(conf, frame, conf_path)
             lookup = stratum_lookup(conf, split, self.hparams.pairs_only) if conf is not None else {}
             for kind in KINDS:
-                frame[f"stratum_{kind.split('_')[1]}"] = frame.id.map(lookup.get(kind, {})).fillna(-1).astype(int)
+                frame[STRATUM_COLUMN[kind]] = frame.id.map(lookup.get(kind, {})).fillna(-1).astype(int)
             if self.hparams.tags_file:
                 tags = pd.read_parquet(self._under_root(self.hparams.tags_file))
                 frame["tags"] = frame.id.map(dict(zip(tags.id.astype(str).str.zfill(5), tags.tags))).fillna("")

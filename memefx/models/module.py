@@ -2,8 +2,9 @@
 
 Training is plain cross-entropy over two classes. Every evaluation epoch it logs AUROC/accuracy and
 miATE per stratum kind and split (so loggers draw curves). It writes nothing to disk: evaluation steps
-return (id, label, p_hateful, split) and the miATE results wait in ``eval_results`` for the
-``RunDirectory`` callback, the one owner of the run directory.
+return ``EvalStepOutput`` (id, label, p_hateful, split, and the attention capture MIDAS asked for) and the
+miATE results wait in ``evaluation_results()`` for the ``RunDirectory`` callback, the one owner of the run
+directory: the contract of ``memefx.contract``, which any LightningModule can implement.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from memefx.causal.miate_metric import MiATE
+from memefx.contract import EvalCapture, EvalStepOutput, TrainCapture
 from memefx.errors import UserError
 from memefx.models.backbones import BACKBONES, BackboneOutput, build_backbone
-from memefx.schema import KINDS
+from memefx.schema import KINDS, STRATUM_COLUMN
 
 
 def coerce_backbone_args(name: str, args: dict | None) -> dict:
@@ -108,12 +110,27 @@ class MemeClassifier(L.LightningModule):
         self.backbone = build_backbone(backbone, **coerce_backbone_args(backbone, backbone_args))
         # one set of metrics per (stage, split), made when a split is first seen (several test splits a run)
         self.evaluators = nn.ModuleDict()
-        self.eval_results: dict[str, dict] = {}  # split -> {stage, miate per kind}: read by RunDirectory
+        self._results: dict[str, dict] = {}  # split -> {stage, miate per kind}: evaluation_results()
         self._stage_splits: dict[str, list[str]] = {}
         self._skips_said: set[tuple[str, str]] = set()
-        self.capture_attentions = False  # set by MIDASCallback for the training step
-        self.capture_eval: set[str] = set()  # evaluation stages whose forward MIDASCallback differentiates
-        self.captured: dict | None = None
+        # attention capture (memefx.contract.AttentionCapture): what MIDAS asked for, and what a step kept
+        self._capture_train = False
+        self._capture_eval: frozenset[str] = frozenset()
+        self._kept: TrainCapture | None = None
+
+    # ------------------------------------------------------------------------------------ the contract
+    def request_capture(self, train: bool, eval_stages=()) -> None:
+        """Keep the next training step's attention maps (``train``), and every step's of ``eval_stages``."""
+        self._capture_train, self._capture_eval = bool(train), frozenset(eval_stages)
+
+    def pop_capture(self) -> TrainCapture | None:
+        """The training step's kept maps (evaluation steps return theirs in their output), then forgotten."""
+        kept, self._kept = self._kept, None
+        return kept
+
+    def evaluation_results(self) -> dict[str, dict]:
+        """split -> miATE per stratum kind (with split and stage) of the latest evaluation epoch of each split."""
+        return dict(self._results)
 
     # --------------------------------------------------------------------------------------- plumbing
     def setup(self, stage: str) -> None:
@@ -229,22 +246,22 @@ class MemeClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self(batch, output_attentions=self.capture_attentions)
+        out = self(batch, output_attentions=self._capture_train)
         loss = F.cross_entropy(out.logits, batch["labels"])
-        if self.capture_attentions:  # MIDAS hooks these maps and reduces dLoss/dA inside this very backward
+        if self._capture_train:  # MIDAS hooks these maps and reduces dLoss/dA inside this very backward
             p_gold = out.logits.detach().float().softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
-            self.captured = {"attentions": out.attentions, "segments": out.segments, "p_gold": p_gold,
-                             "ids": list(batch["ids"])}
+            self._kept = TrainCapture(out.attentions, out.segments, p_gold, list(batch["ids"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 
-    def _eval_step(self, batch: dict, stage: str) -> None:
-        if stage in self.capture_eval and not self.trainer.sanity_checking:
+    def _eval_step(self, batch: dict, stage: str) -> EvalStepOutput:
+        capture = None
+        if stage in self._capture_eval and not self.trainer.sanity_checking:
             # MIDAS: the one eval forward keeps its graph, so the callback's backward needs no second pass
             with torch.inference_mode(False), torch.enable_grad():
                 batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
                 out = self(batch, output_attentions=True)
-            self.captured = {"stage": stage, "out": out, "batch": batch}
+            capture = EvalCapture(stage, out.logits, out.attentions, out.segments, batch["labels"], list(batch["ids"]))
             logits = out.logits.detach()
         else:
             logits = self(batch).logits
@@ -261,9 +278,8 @@ class MemeClassifier(L.LightningModule):
             ev["metrics"].update(probs[labeled], labels[labeled])
         row_ids = torch.tensor([int(i) for i in batch["ids"]], device=probs.device)
         for kind in KINDS:
-            ev[kind].update(probs, labels, batch[f"stratum_{kind.split('_')[1]}"], row_ids)
-        return {"ids": list(batch["ids"]), "labels": labels.detach().cpu(), "p_hateful": probs.detach().cpu(),
-                "split": split}
+            ev[kind].update(probs, labels, batch[STRATUM_COLUMN[kind]], row_ids)
+        return EvalStepOutput(list(batch["ids"]), labels.detach().cpu(), probs.detach().cpu(), split, capture)
 
     def _key(self, stage: str, split: str, name: str) -> str:
         """``val/auroc`` for a stage's only split; ``test/<split>/auroc`` when a stage has several."""
@@ -271,16 +287,15 @@ class MemeClassifier(L.LightningModule):
         splits = dm.eval_splits(stage) if hasattr(dm, "eval_splits") else self._stage_splits.get(stage, [])
         return f"{stage}/{name}" if len(splits) <= 1 else f"{stage}/{split}/{name}"
 
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> EvalStepOutput:
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> EvalStepOutput:
         return self._eval_step(batch, "test")
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> EvalStepOutput:
         probs = self(batch).logits.float().softmax(-1)[:, 1]
-        return {"ids": list(batch["ids"]), "labels": batch["labels"].cpu(), "p_hateful": probs.cpu(),
-                "split": self._split_of(batch, "predict")}
+        return EvalStepOutput(list(batch["ids"]), batch["labels"].cpu(), probs.cpu(), self._split_of(batch, "predict"))
 
     # ------------------------------------------------------------------------------------- epoch ends
     def on_validation_epoch_end(self) -> None:
@@ -314,7 +329,7 @@ class MemeClassifier(L.LightningModule):
             for metric in ev.values():
                 metric.reset()
             if not self.trainer.sanity_checking:
-                self.eval_results[split] = {"split": split, "stage": stage, **results}
+                self._results[split] = {"split": split, "stage": stage, **results}
 
     def _say_once(self, stage: str, split: str, positives: int, negatives: int) -> None:
         """An unlabeled or one-class split has no AUROC: say so once a run, never log a made-up 0."""
