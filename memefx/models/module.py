@@ -27,6 +27,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from memefx.causal.miate_metric import MiATE
 from memefx.contract import EvalCapture, EvalStepOutput, TrainCapture
 from memefx.errors import UserError
+from memefx.lightning_internals import restore_loader_position
 from memefx.models.backbones import BACKBONES, BackboneOutput, build_backbone
 from memefx.schema import KINDS, STRATUM_COLUMN
 
@@ -224,20 +225,9 @@ class MemeClassifier(L.LightningModule):
         return self.evaluators[key]
 
     def on_train_start(self) -> None:
-        """Resume mid-epoch: give the training loader its checkpointed position.
-
-        ``configure_optimizers`` asks for ``estimated_stepping_batches``, which makes Lightning build the
-        training loader (and its iterator) before the checkpoint's loop state is restored, so Lightning
-        never hands the saved loader state over. Do it here and start the iterator again.
-        """
-        loop = self.trainer.fit_loop
-        states, loop._combined_loader_states_to_load = loop._combined_loader_states_to_load, []
-        # a state saved at the end of an epoch belongs to that epoch: the next one starts from its beginning
-        if states and loop._combined_loader is not None and all(
-            s.get("epoch") in (None, self.current_epoch) for s in states
-        ):
-            loop._combined_loader._load_state_dicts(states)
-            iter(loop._data_fetcher)
+        """Resume mid-epoch: the training loader gets its checkpointed position (Lightning does not hand it
+        over here: see ``memefx.lightning_internals``)."""
+        restore_loader_position(self.trainer, self.current_epoch)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # randomness of a step (dropout) depends on (seed, epoch, batch) only, not on what ran before
