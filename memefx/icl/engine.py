@@ -28,13 +28,11 @@ from typing import Literal
 import pandas as pd
 import torch
 
+from memefx.errors import UserError  # the one user-error class of memefx (exit 2)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # settings that change how fast results come, never which results: kept out of the cache key
 _NOT_IN_KEY = ("model", "batch_size")
-
-
-class UserError(Exception):
-    """Bad input from the user (missing model folder, malformed table): the CLI prints it and exits 2."""
 
 
 @dataclass(frozen=True)

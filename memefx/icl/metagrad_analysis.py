@@ -27,8 +27,8 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold
 
 LAYOUT = ("few_shot_num", "layout_prompt_tokens", "layout_pairs")
@@ -79,14 +79,11 @@ def feature_sets(columns) -> dict[str, list[str]]:
 
 
 def auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC from average ranks (ties count one half); NaN with a single class."""
+    """ROC AUC (scikit-learn's; ties count one half); NaN with a single class instead of an error."""
     y = np.asarray(y).astype(bool)
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    if n1 == 0 or n0 == 0:
+    if y.all() or not y.any():
         return float("nan")
-    ranks = rankdata(score)
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return float(roc_auc_score(y, score))
 
 
 def _pair_matrices(y: np.ndarray, score: np.ndarray, group_ids: np.ndarray, n_groups: int,

@@ -217,7 +217,8 @@ class MemeClassifier(L.LightningModule):
         if key not in self.evaluators:
             hp = self.hparams
             self.evaluators[key] = nn.ModuleDict({
-                "metrics": MetricCollection({"auroc": BinaryAUROC(), "acc": BinaryAccuracy()}),
+                # unlabeled memes (-1) are left out by the metrics themselves
+                "metrics": MetricCollection({"auroc": BinaryAUROC(ignore_index=-1), "acc": BinaryAccuracy(ignore_index=-1)}),
                 "positives": SumMetric(), "negatives": SumMetric(), "loss": MeanMetric(),
                 **{kind: MiATE(n_bootstrap=hp.miate_bootstrap, seed=hp.miate_seed) for kind in KINDS},
             }).to(self.device)
@@ -265,7 +266,7 @@ class MemeClassifier(L.LightningModule):
         if labeled.any():
             # a sample-weighted mean over every rank (not a mean of per-rank means)
             ev["loss"].update(F.cross_entropy(logits[labeled], labels[labeled]), weight=int(labeled.sum()))
-            ev["metrics"].update(probs[labeled], labels[labeled])
+            ev["metrics"].update(probs, labels)
         row_ids = torch.tensor([int(i) for i in batch["ids"]], device=probs.device)
         for kind in KINDS:
             ev[kind].update(probs, labels, batch[STRATUM_COLUMN[kind]], row_ids)
