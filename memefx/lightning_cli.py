@@ -139,7 +139,7 @@ class MemeCLI(LightningCLI):
         if not self.trainer.is_global_zero or path is None or not path.is_file():
             return
         metrics = read_json(path)
-        shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if not math.isnan(v))
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if v is not None and not math.isnan(v))
         weights = "" if self.subcommand == "fit" else f" ({owner.weights(self.trainer, self.model)['description']})"
         print(f"memefx [{path}]{weights} {shown}", flush=True)
 

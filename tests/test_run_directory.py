@@ -295,3 +295,13 @@ def test_compare_tolerates_rounding_in_proportion_to_the_midas_scale(tmp_path):
     pd.DataFrame({"id": ["00001", "00002"], "layer": 0, "head": 0, "block": "text", "score": "attattr",
                   "sum": [12.6, -3.0]}).to_parquet(b / "midas" / "val_epoch0.parquet", index=False)
     assert compare_runs(a, b)[1]
+
+
+def test_run_files_are_strict_json(tmp_path, tiny_root):
+    """A kind without strata or a one-class split gives undefined figures: null in the files, never a bare
+    NaN token that jq or JavaScript refuse."""
+    run = tmp_path / "run"
+    assert main(["fit", "--config", str(tiny_config(tmp_path, tiny_root)), *FAST, "--trainer.default_root_dir",
+                 str(run)]) == 0
+    for path in [*run.glob("*.json"), *(run / "miate").glob("*.json")]:
+        json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path.name}: bare {c}"))

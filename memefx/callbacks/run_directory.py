@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from memefx.contract import EvalStepOutput, EvaluationResults
 from memefx.errors import UserError, read_json
+from memefx.jsonio import dumps
 from memefx.provenance import file_digest as sha256
 
 # what a run leaves (loggers version their own subfolders of logs/ and wandb/, so those never mix)
@@ -430,7 +431,7 @@ class RunDirectory(Callback):
             run_dir.mkdir(parents=True, exist_ok=True)
             suffix = "" if stage == "fit" else f"_{stage}"
             (run_dir / f"config{suffix}.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
-            (run_dir / f"provenance{suffix}.json").write_text(json.dumps(record, indent=2, default=str))
+            (run_dir / f"provenance{suffix}.json").write_text(dumps(record, indent=2, default=str))
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.config.update({"provenance": record}, allow_val_change=True)
@@ -521,7 +522,7 @@ class RunDirectory(Callback):
                            "checkpoint": self.loaded["path"] if self.loaded else None, "weights": weights}
                 path = run_path(trainer) / "miate" / f"{split}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(payload, indent=2))
+                path.write_text(dumps(payload, indent=2))  # strict JSON: an undefined SE is null, not NaN
         self._write_metrics(trainer)
 
     def _write_predictions(self, trainer: L.Trainer, stage: str) -> list[str]:
@@ -586,7 +587,7 @@ def _training(trainer: L.Trainer) -> dict:
 
 def _write_json(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    path.write_text(dumps(data, indent=2, sort_keys=True))
     return path
 
 

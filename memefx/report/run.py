@@ -6,7 +6,6 @@ Reads only files other tools can read too: the CSV logger's ``metrics.csv``, ``m
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from memefx.errors import UserError, read_json  # noqa: E402
+from memefx.jsonio import dumps  # noqa: E402
 from memefx.schema import KINDS  # noqa: E402
 
 
@@ -321,7 +321,7 @@ def write_report(run_dir: str | Path) -> Path:
                 if "note" in analysis:
                     md.append(f"- {analysis['note']}")
                 md.append("")
-                (out / "stratum_analysis.json").write_text(json.dumps(analysis, indent=2))
+                (out / "stratum_analysis.json").write_text(dumps(analysis, indent=2))
     md += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
