@@ -146,6 +146,11 @@ class MemeCLI(LightningCLI):
 
 def run_lightning_cli(argv: list[str] | None) -> None:
     """``memefx fit|validate|test|predict ...`` (``argv`` None: the process's own arguments)."""
+    from memefx.threads import apply_thread_default
+
+    said = apply_thread_default()
+    if said:
+        rank_zero_warn(said)
     MemeCLI(
         MemeClassifier, MemeDataModule, args=argv, save_config_callback=None,
         parser_kwargs={"parser_mode": "omegaconf"}, seed_everything_default=0,

@@ -304,4 +304,4 @@ def test_run_files_are_strict_json(tmp_path, tiny_root):
     assert main(["fit", "--config", str(tiny_config(tmp_path, tiny_root)), *FAST, "--trainer.default_root_dir",
                  str(run)]) == 0
     for path in [*run.glob("*.json"), *(run / "miate").glob("*.json")]:
-        json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path.name}: bare {c}"))
+        json.loads(path.read_text(), parse_constant=lambda c, name=path.name: pytest.fail(f"{name}: bare {c}"))
