@@ -47,6 +47,11 @@ def _isolated_cache(tmp_path_factory):
     os.environ["MEMEFX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # one thread count for every fit of the suite, in-process or spawned: the busy-machine default
+    # (memefx/threads.py) must not make two runs a test compares bit for bit use different counts
+    import torch
+
+    os.environ.setdefault("MEMEFX_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
