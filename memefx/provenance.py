@@ -45,7 +45,7 @@ def data_fingerprint(datamodule) -> dict:
     rows = {split: int(len(frame)) for split, frame in datamodule.frames.items()}
     # where the side tables were found, so readers of the run (memefx report) need no data module
     tables = {}
-    locate = getattr(datamodule, "_table", None)
+    locate = getattr(datamodule, "side_table", None)  # a MemeDataModule's; other data modules record none
     for key, default in (("confounders", "confounders.parquet"), ("captions", "hm_captions.parquet")):
         found = locate(datamodule.hparams.get(key), default) if locate else None
         tables[key] = str(Path(found).resolve()) if found else None

@@ -231,7 +231,9 @@ class MemeDataModule(L.LightningDataModule):
             return default_cache_dir() / "synthetic" / self.synthetic_config.fingerprint()
         return Path(self.hparams.root) if self.hparams.root else None
 
-    def _table(self, given: str | None, name: str) -> Path | None:
+    def side_table(self, given: str | None, name: str) -> Path | None:
+        """The side table in use: the path given, else ``<root>/<name>`` when present, else None (provenance
+        records it, so readers of a run need no data module)."""
         if given:
             return Path(given)
         if self.root is not None and (self.root / name).is_file():
@@ -340,7 +342,7 @@ class MemeDataModule(L.LightningDataModule):
             names.add(train)
         names = sorted(names)
         frames = self._load([n for n in names if n not in self.frames])
-        conf_path = self._table(self.hparams.confounders, "confounders.parquet")
+        conf_path = self.side_table(self.hparams.confounders, "confounders.parquet")
         conf = read_confounders(conf_path) if conf_path and frames else None  # only for newly loaded splits
         for split, frame in frames.items():
             if conf is not None and not self.tables_only:
@@ -426,7 +428,7 @@ class MemeDataModule(L.LightningDataModule):
     def _descriptions(self, split: str) -> list[str] | None:
         if self.hparams.image_side != "caption":
             return None
-        path = self._table(self.hparams.captions, "hm_captions.parquet")
+        path = self.side_table(self.hparams.captions, "hm_captions.parquet")
         if path is None:
             raise HMCFormatError(f"caption mode needs a caption table: none given and none in {self.root}")
         if getattr(self, "_captions", None) is None:  # read once: every split and the tokenizer use it
