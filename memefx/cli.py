@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 from memefx.errors import UserError
+from memefx.typed_cli import dash_to_underscore, parser_for, run_typed, split_own
 
 TOOLS = ("synth", "strata", "report", "regions", "icl", "miate", "study")
 OVERVIEW = """usage: memefx <command> [options]       (memefx <command> --help: the options of one command)
@@ -49,7 +50,7 @@ def _synth(argv: list[str]) -> int:
     p.add_argument("--overwrite", type=bool, default=False,
                    help="replace an earlier synthetic dataset in --out (its files are deleted first)")
     p.add_class_arguments(SyntheticConfig, None, as_group=False)
-    a = p.parse_args([_dash_to_underscore(x) for x in argv])
+    a = p.parse_args([dash_to_underscore(x) for x in argv])
     cfg = SyntheticConfig(**{f.name: a[f.name] for f in dataclasses.fields(SyntheticConfig)})
     out = write_synthetic(a.out, cfg, overwrite=a.overwrite)
     conf = read_confounders(out / "confounders.parquet")
@@ -58,112 +59,116 @@ def _synth(argv: list[str]) -> int:
     return 0
 
 
-def _dash_to_underscore(arg: str) -> str:
-    """``--n-memes`` and ``--n_memes`` alike (field names have underscores; shells like dashes)."""
-    if not arg.startswith("--") or arg == "--":
-        return arg
-    name, eq, value = arg[2:].partition("=")
-    return "--" + name.replace("-", "_") + eq + value
+_dash_to_underscore = dash_to_underscore  # older imports
 
 
-def _strata(argv: list[str]) -> int:
+def strata(confounders: str, split: str | None = None, json: bool = False) -> int:
+    """Confounder strata per split and kind: member rows, groups, strata (both labels), pairs, sizes.
+
+    Args:
+        confounders: confounder table (id, split, label, img_org_id, txt_org_id)
+        split: one split only (default: every split)
+        json: print JSON (default: a readable table)
+    """
+    import json as json_module
+
     from memefx.data.strata import summarize
     from memefx.data.tables import read_confounders
 
-    p = argparse.ArgumentParser(prog="memefx strata", description="Confounder strata per split and kind.")
-    p.add_argument("--confounders", required=True)
-    p.add_argument("--split", default=None)
-    p.add_argument("--json", action="store_true", help="print JSON (default: a readable table)")
-    a = p.parse_args(argv)
-    summary = summarize(read_confounders(a.confounders), a.split)
-    if a.split is not None and not summary:
-        print(f"memefx strata: no confounder groups in split {a.split!r}", file=sys.stderr)
-        return 2
-    if a.json:
-        print(json.dumps(summary, indent=2))
+    summary = summarize(read_confounders(confounders), split)
+    if split is not None and not summary:
+        raise UserError(f"memefx strata: no confounder groups in split {split!r} of {confounders}")
+    if json:
+        print(json_module.dumps(summary, indent=2))
         return 0
     print(f"{'split':<12} {'kind':<13} {'rows':>6} {'groups':>7} {'strata':>7} {'pairs':>6}  sizes")
-    for split, kinds in summary.items():
+    for name, kinds in summary.items():
         for kind, s in kinds.items():
-            print(f"{split:<12} {kind:<13} {s['member_rows']:>6} {s['groups']:>7} {s['strata']:>7} "
+            print(f"{name:<12} {kind:<13} {s['member_rows']:>6} {s['groups']:>7} {s['strata']:>7} "
                   f"{s['two_member_strata']:>6}  {s['size_histogram']}")
     return 0
 
 
-def _report(argv: list[str]) -> int:
-    from memefx.report.run import write_report
+def report(run_dir: str | None = None, compare: list[str] | None = None, atol: float = 1e-6,
+           rtol: float = 1e-5) -> int:
+    """Plots and a markdown table of a run directory or a study; with --compare, what differs between two
+    runs (exit 1 when results differ).
 
-    p = argparse.ArgumentParser(prog="memefx report", description="Plots and a markdown table of a run directory; "
-                                "with --compare, what differs between two runs (exit 1 when results differ).")
-    p.add_argument("run_dir", nargs="?")
-    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"))
-    p.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance on metrics, probabilities and sums")
-    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance: |a - b| <= atol + rtol * scale "
-                   "(a number's own magnitude; a MIDAS table's largest |sum| per score)")
-    a = p.parse_args(argv)
-    if a.compare:
+    Args:
+        run_dir: a run directory (--trainer.default_root_dir) or a study folder (memefx study --out)
+        compare: two run directories, RUN_A RUN_B
+        atol: absolute tolerance on metrics, probabilities and sums
+        rtol: relative tolerance: |a - b| <= atol + rtol * scale (a number's own magnitude; a MIDAS table's
+            largest |sum| per score)
+    """
+    if compare:
         from memefx.report.compare import compare_runs
 
-        missing = [r for r in a.compare if not Path(r).is_dir()]
+        missing = [r for r in compare if not Path(r).is_dir()]
         if missing:
-            print(f"memefx report --compare: not a run directory: {missing}", file=sys.stderr)
-            return 2
-        info, results = compare_runs(*a.compare, atol=a.atol, rtol=a.rtol)
+            raise UserError(f"memefx report --compare: not a run directory: {missing}")
+        info, results = compare_runs(*compare, atol=atol, rtol=rtol)
         for line in info:
             print(f"  differs (info): {line}")
         for line in results:
             print(f"  DIFFERS: {line}")
-        print(f"{len(results)} result differences beyond atol={a.atol}, rtol={a.rtol}; {len(info)} config/provenance "
+        print(f"{len(results)} result differences beyond atol={atol}, rtol={rtol}; {len(info)} config/provenance "
               "differences")
         return 1 if results else 0
-    if a.run_dir is None or not Path(a.run_dir).is_dir():
-        print(f"memefx report: {a.run_dir} is not a run directory", file=sys.stderr)
-        return 2
-    print(write_report(a.run_dir))
+    if run_dir is None or not Path(run_dir).is_dir():
+        raise UserError(f"memefx report: {run_dir} is not a run directory")
+    from memefx.report.run import write_report
+
+    print(write_report(run_dir))
     return 0
 
 
-def _regions(argv: list[str]) -> int:
+def regions(tsv: str, out: str) -> int:
+    """Convert a bottom-up-attention TSV of region features into the <id>.npz files data.region_features reads.
+
+    Args:
+        tsv: the TSV (img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, num_boxes, boxes,
+            features)
+        out: folder for the <id>.npz files
+    """
     from memefx.data.regions import convert_tsv
 
-    p = argparse.ArgumentParser(prog="memefx regions", description="Convert a bottom-up-attention TSV of region "
-                                "features into the <id>.npz files that data.region_features reads.")
-    p.add_argument("--tsv", required=True)
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    print(f"wrote {convert_tsv(a.tsv, a.out)} region files to {a.out}")
+    print(f"wrote {convert_tsv(tsv, out)} region files to {out}")
     return 0
 
 
-def _study(argv: list[str]) -> int:
-    """``memefx study``: one ``memefx fit`` per training seed into sibling run folders, then the summary."""
+def study(out: str, seeds: str | None = None, summarize_only: bool = False, no_summary: bool = False,
+          n_bootstrap: int = 2000, fit_args: Sequence[str] = ()) -> int:
+    """Fit one run per seed (OUT/seed<k>: the same config and data; the seed sets seed_everything, model.seed
+    and data.shuffle_seed) and summarize them: per split AUROC/accuracy mean and sd over seeds, miATE per kind
+    and the image-minus-text difference with hierarchical-bootstrap intervals (OUT/study.json, OUT/study.csv).
+    Every other option goes to memefx fit (--config ... included).
+
+    Args:
+        out: study folder; runs go to OUT/seed<k>
+        seeds: comma-separated seeds, e.g. 0,1,2 (not with --summarize-only)
+        summarize_only: no fit: summarize the finished OUT/seed<k> runs
+        no_summary: fit only (one task of a SLURM job array)
+        n_bootstrap: resamples of the hierarchical bootstrap
+        fit_args: the memefx fit options of every seed's run
+    """
     from memefx.report.study import study_lines, summarize_study
 
-    p = argparse.ArgumentParser(
-        prog="memefx study", description="Fit one run per seed (OUT/seed<k>, the same config and data; the seed "
-        "sets seed_everything, model.seed and data.shuffle_seed) and summarize them: per split AUROC/accuracy "
-        "mean and sd over seeds, miATE per kind and the image-minus-text difference with hierarchical-bootstrap "
-        "intervals (OUT/study.json, OUT/study.csv). Other options go to memefx fit.")
-    p.add_argument("--out", required=True, help="study folder; runs go to OUT/seed<k>")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (not with --summarize-only)")
-    p.add_argument("--summarize-only", action="store_true", help="no fit: summarize the finished OUT/seed<k> runs")
-    p.add_argument("--no-summary", action="store_true", help="fit only (one task of a SLURM job array)")
-    p.add_argument("--n-bootstrap", type=int, default=2000)
-    a, fit_args = p.parse_known_args(argv)
-    out = Path(a.out)
-    if a.summarize_only and (a.seeds or fit_args):
-        raise UserError(f"memefx study --summarize-only fits nothing: drop {(['--seeds'] if a.seeds else []) + fit_args}")
-    if not a.summarize_only:
+    folder = Path(out)
+    fit_args = list(fit_args)
+    if summarize_only and (seeds or fit_args):
+        raise UserError(f"memefx study --summarize-only fits nothing: drop {(['--seeds'] if seeds else []) + fit_args}")
+    if not summarize_only:
         try:
-            seeds = [int(x) for x in (a.seeds or "").split(",") if x.strip()]
+            chosen = [int(x) for x in (seeds or "").split(",") if x.strip()]
         except ValueError:
-            raise UserError(f"memefx study --seeds {a.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise UserError(f"memefx study --seeds {a.seeds!r}: give one or more distinct seeds, e.g. 0,1,2")
+            raise UserError(f"memefx study --seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        if not chosen or len(set(chosen)) != len(chosen):
+            raise UserError(f"memefx study --seeds {seeds!r}: give one or more distinct seeds, e.g. 0,1,2")
         if "--config" not in fit_args:
             raise UserError("memefx study needs --config CONFIG (the experiment each seed fits)")
-        for seed in seeds:
-            run = out / f"seed{seed}"
+        for seed in chosen:
+            run = folder / f"seed{seed}"
             if (run / "metrics.json").is_file() and (run / "provenance.json").is_file():
                 print(f"memefx study: {run} holds a finished run; kept (delete it to refit)", flush=True)
                 continue
@@ -172,14 +177,22 @@ def _study(argv: list[str]) -> int:
                               "--data.shuffle_seed", str(seed), "--trainer.default_root_dir", str(run)])
             if code:
                 return code
-    if a.no_summary:
+    if no_summary:
         return 0
-    if a.n_bootstrap < 1:
-        raise UserError(f"memefx study --n-bootstrap {a.n_bootstrap}: expected a positive number of resamples")
-    summarize_study(out, n_bootstrap=a.n_bootstrap)
-    print("\n".join(study_lines(json.loads((out / "study.json").read_text()))))
-    print(f"memefx study: wrote {out / 'study.json'} and {out / 'study.csv'}")
+    if n_bootstrap < 1:
+        raise UserError(f"memefx study --n-bootstrap {n_bootstrap}: expected a positive number of resamples")
+    summarize_study(folder, n_bootstrap=n_bootstrap)
+    print("\n".join(study_lines(json.loads((folder / "study.json").read_text()))))
+    print(f"memefx study: wrote {folder / 'study.json'} and {folder / 'study.csv'}")
     return 0
+
+
+def _study(argv: list[str]) -> int:
+    """``memefx study``: its own options parsed from ``study``'s signature, every other one handed to fit."""
+    own, fit_args = split_own(study, argv)
+    config = parser_for(study, "memefx study", skip=("fit_args",)).parse_args(own)
+    return study(**{k: config[k] for k in ("out", "seeds", "summarize_only", "no_summary", "n_bootstrap")},
+                 fit_args=fit_args)
 
 
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, KeyError)
@@ -239,9 +252,14 @@ def _dispatch(argv: list[str], from_shell: bool = False) -> int:
         from memefx.report.miate_cli import main as miate_main
 
         return miate_main(argv[1:])
+    if argv and argv[0] == "study":
+        return _study(argv[1:])
+    if argv and argv[0] == "synth":
+        return _synth(argv[1:])
     if argv and argv[0] in TOOLS:
-        return {"synth": _synth, "strata": _strata, "report": _report, "regions": _regions,
-                "study": _study}[argv[0]](argv[1:])
+        func = {"strata": strata, "report": report, "regions": regions}[argv[0]]
+        return run_typed(func, argv[1:], f"memefx {argv[0]}", positional=("run_dir",) if func is report else (),
+                         several={"compare": 2} if func is report else None)
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
         return 0 if argv else 2

@@ -143,3 +143,40 @@ def test_a_broken_config_file_is_named_before_any_usage_text(tmp_path, capsys):
     assert f"{bad}:3:" in err and "not valid YAML" in err and "usage" not in err
     assert main(["synth", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "s")]) == 2
     assert "missing.yaml: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["strata", "report", "regions", "miate", "study"])
+def test_every_tool_help_comes_from_its_typed_signature(command, capsys):
+    """Each option in ``--help`` is a parameter of the command's typed function, with its docstring line."""
+    import inspect
+
+    from memefx import cli
+    from memefx.report.miate_cli import miate_command
+
+    func = {"strata": cli.strata, "report": cli.report, "regions": cli.regions, "miate": miate_command,
+            "study": cli.study}[command]
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for name, param in inspect.signature(func).parameters.items():
+        if name == "fit_args":
+            continue
+        assert name in text, (command, name)
+        assert param.annotation is not inspect.Parameter.empty, (command, name)
+    assert "type:" in text or command == "report"
+
+
+def test_switches_and_dashes_as_users_type_them(tmp_path, capsys):
+    from tests.test_miate_cli import SCORES, TABLE
+
+    table = tmp_path / "confounders.parquet"
+    pd.DataFrame(TABLE, columns=["id", "split", "label", "img_org_id", "txt_org_id"]).to_parquet(table)
+    scores = tmp_path / "s.csv"
+    pd.DataFrame({"id": list(SCORES), "p_hateful": list(SCORES.values())}).to_csv(scores, index=False)
+    assert main(["miate", "--predictions", str(scores), "--confounders", str(table), "--pairs-only", "--json",
+                 "--n-bootstrap", "20"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["shared_image"]["options"]["pairs_only"] is True and result["shared_image"]["n_strata"] == 1
+    assert main(["strata", "--confounders", str(table), "--json"]) == 0
+    assert "dev_seen" in json.loads(capsys.readouterr().out)

@@ -13,7 +13,6 @@ are written there.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -163,40 +162,52 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str]) -> int:
-    """Entry point of ``memefx miate``; bad input raises an error that the ``memefx`` command prints."""
-    p = argparse.ArgumentParser(prog="memefx miate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--predictions", required=True, help="CSV/TSV/JSON-lines/parquet with one score per meme")
-    p.add_argument("--confounders", required=True, help="confounder table (id, split, label, img_org_id, txt_org_id)")
-    p.add_argument("--split", default=None, help="split of the confounder table (default: the file's split column, "
-                   "else the one split that holds every id)")
-    p.add_argument("--id-col", default="id")
-    p.add_argument("--score-col", default="p_hateful", help="hateful probability in [0, 1]")
-    p.add_argument("--label-col", default="label", help="optional; missing labels come from the confounder table")
-    p.add_argument("--threshold", type=float, default=None, help="keep strata with miATE_g >= tau (biased; see the curve)")
-    p.add_argument("--correct-only", action="store_true", help="keep strata whose members are all classified correctly")
-    p.add_argument("--pairs-only", action="store_true", help="keep two-member strata only")
-    p.add_argument("--n-bootstrap", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    p.add_argument("--out", default=None, help="folder for <split>.json, <split>_strata.csv and plots")
-    a = p.parse_args(argv)
-    if a.threshold is not None and not -1.0 <= a.threshold <= 1.0:
-        raise PredictionsError(f"--threshold {a.threshold}: a stratum's miATE lies in [-1, 1]; a threshold outside "
+def miate_command(predictions: str, confounders: str, split: str | None = None, id_col: str = "id",
+                  score_col: str = "p_hateful", label_col: str = "label", threshold: float | None = None,
+                  correct_only: bool = False, pairs_only: bool = False, n_bootstrap: int = 1000, seed: int = 0,
+                  json: bool = False, out: str | None = None) -> int:
+    """miATE of any model's predictions on the confounder strata, with AUROC/accuracy.
+
+    Args:
+        predictions: CSV/TSV/JSON/parquet with one score per meme
+        confounders: confounder table (id, split, label, img_org_id, txt_org_id)
+        split: split of the confounder table (default: the file's split column, else the one split that
+            holds every id)
+        id_col: column of meme ids
+        score_col: hateful probability in [0, 1]
+        label_col: optional; missing labels come from the confounder table
+        threshold: keep strata with miATE_g >= tau (biased: read the threshold curve)
+        correct_only: keep strata whose members are all classified correctly
+        pairs_only: keep two-member strata only
+        n_bootstrap: stratum-bootstrap resamples of the interval (0: no interval)
+        seed: seed of the bootstrap and the placebo
+        json: print the full result as JSON
+        out: folder for <split>.json, <split>_strata.csv and plots
+    """
+    from memefx.causal.predictions import PredictionsError
+
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise PredictionsError(f"--threshold {threshold}: a stratum's miATE lies in [-1, 1]; a threshold outside "
                                "keeps every stratum or none (read the threshold curve instead)")
-    if a.n_bootstrap < 0:
-        raise PredictionsError(f"--n-bootstrap {a.n_bootstrap}: expected a number of resamples >= 0 (0: no interval)")
-    result = analyse(a.predictions, a.confounders, a.split, a.id_col, a.score_col, a.label_col,
-                     n_bootstrap=a.n_bootstrap, seed=a.seed, threshold=a.threshold, correct_only=a.correct_only,
-                     pairs_only=a.pairs_only)
-    written = write_outputs(result, a.out) if a.out else []
-    if a.json:
+    if n_bootstrap < 0:
+        raise PredictionsError(f"--n-bootstrap {n_bootstrap}: expected a number of resamples >= 0 (0: no interval)")
+    result = analyse(predictions, confounders, split, id_col, score_col, label_col, n_bootstrap=n_bootstrap,
+                     seed=seed, threshold=threshold, correct_only=correct_only, pairs_only=pairs_only)
+    written = write_outputs(result, out) if out else []
+    if json:
         print(dumps(result, indent=2))
     else:
         print("\n".join(summary_lines(result)))
         for path in written:
             print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``memefx miate``; bad input raises an error that the ``memefx`` command prints."""
+    from memefx.typed_cli import run_typed
+
+    return run_typed(miate_command, argv, "memefx miate")
 
 
 if __name__ == "__main__":
