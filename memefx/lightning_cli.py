@@ -63,13 +63,18 @@ class MemeCLI(LightningCLI):
                 # one fixed folder, so `--ckpt_path last` finds the checkpoint whatever the logger version
                 init["dirpath"] = str(Path(run_dir) / "checkpoints")
 
-    def _instantiate_trainer(self, config: dict, callbacks: list):
+    def instantiate_trainer(self, **kwargs):
+        """The trainer with a ``RunDirectory`` that holds the resolved config (LightningCLI's public hook)."""
         import yaml
 
-        resolved = self.config[self.subcommand] if self.subcommand else self.config
-        plain = yaml.safe_load(self._parser(self.subcommand).dump(resolved, skip_none=False, skip_check=True))
-        callbacks = [*callbacks, RunDirectory(overwrite=bool(plain.get("overwrite")), config=plain, argv=sys.argv)]
-        return super()._instantiate_trainer(config, callbacks)
+        plain = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_check=True))
+        if self.subcommand:
+            plain = plain[self.subcommand]
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        given = init["trainer"].get("callbacks") or []
+        given = list(given) if isinstance(given, list) else [given]
+        owner = RunDirectory(overwrite=bool(plain.get("overwrite")), config=plain, argv=sys.argv)
+        return super().instantiate_trainer(**{**kwargs, "callbacks": [*given, owner]})
 
     def _resolve_checkpoint(self) -> None:
         """``--ckpt_path last|best`` from the run directory's manifests, in any process.

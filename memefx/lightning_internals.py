@@ -1,5 +1,9 @@
-"""The one place memefx relies on Lightning internals, because no public route exists: handing a
-checkpointed training-loader position back after ``configure_optimizers`` built the loader.
+"""The one place memefx relies on Lightning internals, because no public route exists:
+
+- handing a checkpointed training-loader position back after ``configure_optimizers`` built the loader;
+- whether a LightningModule is attached to a trainer (``module.trainer`` raises when it is not);
+- wrapping the trainer's CheckpointIO from a callback: ``Trainer(plugins=[...])`` is the public route, but
+  ``RunDirectory`` must also work in a Trainer a user built (the strategy's ``checkpoint_io`` setter).
 
 ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``, which makes Lightning build the
 training loader (and its iterator) before a checkpoint's loop state is restored, so Lightning never gives
@@ -16,6 +20,7 @@ import lightning as L
 RELIED_ON = {
     "fit_loop": ("_combined_loader_states_to_load", "_combined_loader", "_data_fetcher"),
     "combined_loader": ("_load_state_dicts",),
+    "lightning_module": ("_trainer",),
 }
 
 
@@ -30,3 +35,15 @@ def restore_loader_position(trainer: L.Trainer, epoch: int) -> bool:
     loop._combined_loader._load_state_dicts(states)
     iter(loop._data_fetcher)
     return True
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The trainer ``module`` is attached to, or None (``module.trainer`` raises instead)."""
+    return module._trainer
+
+
+def wrap_checkpoint_io(trainer: L.Trainer, wrapper: type, wrapped: type | None = None) -> None:
+    """Give the trainer's strategy ``wrapper(<its CheckpointIO>)`` unless it already has one of that type."""
+    if not isinstance(trainer.strategy.checkpoint_io, wrapped or wrapper):
+        trainer.strategy.checkpoint_io = wrapper(trainer.strategy.checkpoint_io)
+

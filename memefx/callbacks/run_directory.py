@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from memefx.contract import EvalStepOutput, EvaluationResults
 from memefx.errors import UserError, read_json
 from memefx.jsonio import dumps
+from memefx.lightning_internals import wrap_checkpoint_io
 from memefx.provenance import file_digest as sha256
 
 # what a run leaves (loggers version their own subfolders of logs/ and wandb/, so those never mix)
@@ -316,8 +317,7 @@ class RunDirectory(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.loaded = None
         self._stage = stage
-        if not isinstance(trainer.strategy.checkpoint_io, ManifestCheckpointIO):
-            trainer.strategy.checkpoint_io = ManifestCheckpointIO(trainer.strategy.checkpoint_io)
+        wrap_checkpoint_io(trainer, ManifestCheckpointIO)  # every checkpoint saved gets its manifest entry
         if stage != "fit" and not trainer.fast_dev_run:  # an evaluation writes the folder too: one process at a
             # time, claimed before the loggers write (a fit claims at its start, once it knows what it resumes)
             self._on_rank_zero(trainer, lambda: self._acquire(run_path(trainer), f"memefx {stage}"))

@@ -27,7 +27,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from memefx.causal.miate_metric import MiATE
 from memefx.contract import EvalCapture, EvalStepOutput, TrainCapture
 from memefx.errors import UserError
-from memefx.lightning_internals import restore_loader_position
+from memefx.lightning_internals import attached_trainer, restore_loader_position
 from memefx.models.backbones import BACKBONES, BackboneOutput, build_backbone
 from memefx.schema import KINDS, STRATUM_COLUMN
 
@@ -135,7 +135,7 @@ class MemeClassifier(L.LightningModule):
 
     # --------------------------------------------------------------------------------------- plumbing
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self.trainer, "datamodule", None) if attached_trainer(self) is not None else None
         tokenizer = getattr(dm, "tokenizer", None)
         if tokenizer is not None and len(tokenizer) > self.backbone.vocab_size:
             raise ValueError(
@@ -191,7 +191,7 @@ class MemeClassifier(L.LightningModule):
         super().log(renamed, value, **{**kwargs, "logger": True, "prog_bar": False})
 
     def _outside_fit(self) -> bool:
-        return self._trainer is not None and self.trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
+        return attached_trainer(self) is not None and self.trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
 
     def _checkpoint_name(self, name: str) -> str | None:
         """The logger name of a validation metric logged outside a fit (``None``: keep the name)."""
