@@ -313,5 +313,5 @@ def test_replay_refuses_an_empty_file_and_data_that_maps_nothing(published, tmp_
         replay_published(answers, texts, descriptions, {"00001": 1, "00002": 0})
     torn = tmp_path / "torn.csv"
     torn.write_text('image_id,few_shot_num,prompt\n1456,0,"User: Out of image-caption pairs #0 to #1')
-    with pytest.raises(UserError, match=r"torn.csv: not a readable answer table"):
+    with pytest.raises(UserError, match=r"not a readable answer table: .*torn.csv"):
         _build(from_published=torn)

@@ -29,14 +29,9 @@ from memefx.icl.engine import EngineConfig, UserError
 
 
 def _read(path: str) -> pd.DataFrame:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p} not found")
-    try:
-        table = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
-    except pd.errors.EmptyDataError as err:
-        raise UserError(f"{p} is empty (no header, no rows)") from err
-    return table
+    from memefx.table_io import read_table
+
+    return read_table(path, text_columns=("id", "image_id"))
 
 
 def _write(table: pd.DataFrame, out: str) -> None:

@@ -191,11 +191,14 @@ def build_prompts(confounders: str | Path | None = None, captions: str | Path | 
         path = Path(from_published)
         if not path.is_file():
             raise PromptInputError(f"published answer file {path} not found")
+        from memefx.errors import UserError
+        from memefx.table_io import read_table
+
         try:
-            answers = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-        except Exception as err:  # noqa: BLE001 - pandas raises several types for a torn or foreign file
-            raise PromptInputError(f"{path}: not a readable answer table ({type(err).__name__}: {err}); expected the "
-                                   "published answer CSV (comma-separated, prompts quoted) or a parquet file") from None
+            answers = read_table(path)
+        except UserError as err:
+            raise PromptInputError(f"not a readable answer table: {err}; expected the published answer CSV (prompts "
+                                   "quoted) or a parquet file") from None
         return replay_published(answers, texts, descriptions, labels, conf, split, source=str(path))
     if conf is None:
         raise PromptInputError("--confounders is required to find the strata of a split")

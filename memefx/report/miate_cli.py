@@ -33,30 +33,14 @@ from memefx.jsonio import dumps
 
 
 def read_table(path: str | Path, id_col: str) -> pd.DataFrame:
-    """A predictions table from CSV/TSV (delimiter sniffed: comma, tab or semicolon), JSON (an array or JSON
-    lines, whichever the file holds) or parquet; ids are read as text (leading zeros kept)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PredictionsError(f"{path}: predictions file not found")
-    suffix = path.suffix.lower()
-    if suffix not in (".parquet", ".csv", ".tsv", ".txt", ".json", ".jsonl"):
-        raise PredictionsError(f"{path}: unknown format {suffix!r}: use .csv, .tsv, .txt, .json, .jsonl or .parquet")
+    """The predictions table (``memefx.table_io.read_table``), its errors as ``PredictionsError``."""
+    from memefx.errors import UserError
+    from memefx.table_io import read_table as read_any
+
     try:
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-        if suffix in (".csv", ".tsv", ".txt"):
-            return pd.read_csv(path, sep=None, engine="python", dtype={id_col: str})  # csv.Sniffer picks the delimiter
-    except Exception as err:  # noqa: BLE001 - every reader fails differently; name the file
-        raise PredictionsError(f"{path}: cannot be read as a {suffix[1:]} table ({type(err).__name__}: {err}); "
-                               "expected one row per meme with a header line") from None
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    lines = not head.startswith(b"[")  # a JSON array of records opens with '[', JSON lines with '{'
-    try:
-        return pd.read_json(path, lines=lines, dtype={id_col: str})
-    except ValueError as err:
-        form = "JSON lines (one object a line)" if lines else "a JSON array of records"
-        raise PredictionsError(f"{path}: neither JSON lines nor a JSON array of records: read as {form}, {err}") from None
+        return read_any(path, text_columns=(id_col,))
+    except UserError as err:
+        raise PredictionsError(str(err)) from None
 
 
 def load_predictions(path: str | Path, split: str | None = None, id_col: str = "id", score_col: str = "p_hateful",
