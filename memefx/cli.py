@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from memefx.errors import UserError
+from memefx.run_files import METRICS, PROVENANCE
 from memefx.typed_cli import dash_to_underscore, parser_for, run_typed, split_own
 
 TOOLS = ("synth", "strata", "report", "regions", "icl", "miate", "study")
@@ -169,7 +170,7 @@ def study(out: str, seeds: str | None = None, summarize_only: bool = False, no_s
             raise UserError("memefx study needs --config CONFIG (the experiment each seed fits)")
         for seed in chosen:
             run = folder / f"seed{seed}"
-            if (run / "metrics.json").is_file() and (run / "provenance.json").is_file():
+            if (run / METRICS).is_file() and (run / PROVENANCE).is_file():
                 print(f"memefx study: {run} holds a finished run; kept (delete it to refit)", flush=True)
                 continue
             print(f"memefx study: seed {seed} -> {run}", flush=True)

@@ -15,7 +15,6 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from memefx.callbacks.run_directory import (
-    MANIFEST,
     RunDirectory,
     best_checkpoint,
     find,
@@ -25,6 +24,7 @@ from memefx.callbacks.run_directory import (
 from memefx.data.datamodule import MemeDataModule
 from memefx.errors import UserError, read_json
 from memefx.models.module import MemeClassifier, coerce_backbone_args
+from memefx.run_files import CHECKPOINTS, MANIFEST
 
 
 class MemeCLI(LightningCLI):
@@ -61,7 +61,7 @@ class MemeCLI(LightningCLI):
             init = getattr(callback, "init_args", None)
             if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and init.get("dirpath") is None:
                 # one fixed folder, so `--ckpt_path last` finds the checkpoint whatever the logger version
-                init["dirpath"] = str(Path(run_dir) / "checkpoints")
+                init["dirpath"] = str(Path(run_dir) / CHECKPOINTS)
 
     def instantiate_trainer(self, **kwargs):
         """The trainer with a ``RunDirectory`` that holds the resolved config (LightningCLI's public hook)."""

@@ -37,15 +37,24 @@ from memefx.errors import UserError, read_json
 from memefx.jsonio import dumps
 from memefx.lightning_internals import wrap_checkpoint_io
 from memefx.provenance import file_digest as sha256
+from memefx.run_files import (
+    ARTIFACTS,
+    CONFIG,
+    LOCK,
+    MANIFEST,
+    METRICS,
+    MIDAS,
+    PROVENANCE,
+    miate_file,
+    predictions_file,
+    staged,
+)
 
 # what a run leaves (loggers version their own subfolders of logs/ and wandb/, so those never mix)
-ARTIFACTS = ("config.yaml", "provenance.json", "metrics.json", "predictions", "miate", "midas", "checkpoints",
-             "report")
+# ARTIFACTS: what a run leaves, from memefx.run_files
 STAGE_ARTIFACTS = ("config_*.yaml", "provenance_*.json", "metrics_*.json")  # of validate/test/predict
 REPORTED = ("auroc", "acc", "loss", "miate_shared_image", "miate_shared_text")
 STAGE_PREFIXES = ("train", "val", "test")  # metrics.json keys start with one of these
-MANIFEST = "manifest.json"
-LOCK = ".memefx.lock"
 # settings a resume may change: where files are, how many workers read them, what is evaluated and how
 # attention is computed (the same maths); any other model or data setting changes the sample order or the model
 RESUME_FREE = {
@@ -74,7 +83,7 @@ def midas_table_path(trainer: L.Trainer, stage: str, epoch: int, weights_epoch: 
     weights evaluated (``None``: the weights the model was built with), so a report draws it as one point
     at that epoch, not as a further epoch.
     """
-    folder = run_path(trainer) / "midas"
+    folder = run_path(trainer) / MIDAS
     if trainer.state.fn == TrainerFn.FITTING:
         return folder / f"{stage}_epoch{epoch}.parquet", epoch
     k = weights_epoch
@@ -129,7 +138,7 @@ def is_recorded(run_dir: str | Path, checkpoint: str | Path) -> bool:
 
 def holds_fit(run_dir: str | Path) -> bool:
     """Whether a fit has run in the folder (its ``provenance.json`` is written when a fit starts)."""
-    return (Path(run_dir) / "provenance.json").is_file()
+    return (Path(run_dir) / PROVENANCE).is_file()
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -429,9 +438,8 @@ class RunDirectory(Callback):
         if trainer.is_global_zero:
             run_dir = run_path(trainer)
             run_dir.mkdir(parents=True, exist_ok=True)
-            suffix = "" if stage == "fit" else f"_{stage}"
-            (run_dir / f"config{suffix}.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
-            (run_dir / f"provenance{suffix}.json").write_text(dumps(record, indent=2, default=str))
+            (run_dir / staged(CONFIG, stage)).write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+            (run_dir / staged(PROVENANCE, stage)).write_text(dumps(record, indent=2, default=str))
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.config.update({"provenance": record}, allow_val_change=True)
@@ -520,7 +528,7 @@ class RunDirectory(Callback):
                     continue
                 payload = {**result, "epoch": epoch, "run": trainer.state.fn.value,
                            "checkpoint": self.loaded["path"] if self.loaded else None, "weights": weights}
-                path = run_path(trainer) / "miate" / f"{split}.json"
+                path = miate_file(run_path(trainer), split)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(dumps(payload, indent=2))  # strict JSON: an undefined SE is null, not NaN
         self._write_metrics(trainer)
@@ -540,7 +548,7 @@ class RunDirectory(Callback):
             return splits
         for split, part in frame.groupby("split", sort=False):
             part = unique_ids(part.drop(columns="split"), f"{stage} predictions of {split}")
-            path = run_path(trainer) / "predictions" / f"{split}.parquet"
+            path = predictions_file(run_path(trainer), split)
             path.parent.mkdir(parents=True, exist_ok=True)
             part.sort_values("id").reset_index(drop=True).to_parquet(path, index=False)
         return splits
@@ -557,15 +565,15 @@ class RunDirectory(Callback):
         if self._fitted:
             self._metrics.update(reported)
             if trainer.is_global_zero and self._metrics:
-                self.metrics_path = _write_json(run_path(trainer) / "metrics.json", self._metrics)
+                self.metrics_path = _write_json(run_path(trainer) / METRICS, self._metrics)
             return
         if not trainer.is_global_zero or not reported:
             return
         stage = trainer.state.fn.value
         run_dir = run_path(trainer)
-        self.metrics_path = _write_json(run_dir / f"metrics_{stage}.json", reported)
+        self.metrics_path = _write_json(run_dir / staged(METRICS, stage), reported)
         if not holds_fit(run_dir):
-            path = run_dir / "metrics.json"
+            path = run_dir / METRICS
             prefixes = {key.split("/")[0] for key in reported}
             kept = {k: v for k, v in (read_json(path) if path.is_file() else {}).items()
                     if k.split("/")[0] not in prefixes}

@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from memefx.errors import read_json
+from memefx.run_files import CONFIG, METRICS, PROVENANCE
 from memefx.schema import KINDS
 
 IGNORED = ("trainer.default_root_dir", "created", "argv", "data.root")
@@ -88,10 +89,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6,
                  rtol: float = 1e-5) -> tuple[list[str], list[str]]:
     """Return (informational differences, result differences beyond ``atol + rtol * scale``)."""
     a, b = Path(run_a), Path(run_b)
-    config_a = _relative_to_run(_load(a / "config.yaml", "yaml"), a)
-    config_b = _relative_to_run(_load(b / "config.yaml", "yaml"), b)
+    config_a = _relative_to_run(_load(a / CONFIG, "yaml"), a)
+    config_b = _relative_to_run(_load(b / CONFIG, "yaml"), b)
     info = [f"config {d}" for d in _diff(config_a, config_b)]
-    pa, pb = _load(a / "provenance.json", "json"), _load(b / "provenance.json", "json")
+    pa, pb = _load(a / PROVENANCE, "json"), _load(b / PROVENANCE, "json")
     info += [f"provenance {d}" for d in _diff({k: v for k, v in pa.items() if k != "config"},
                                                {k: v for k, v in pb.items() if k != "config"})]
     results = []
@@ -100,7 +101,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, atol: float = 1e-6,
             results.append(line)
             continue
         ma, mb = _load(a / rel, "json"), _load(b / rel, "json")
-        where = "" if rel.name == "metrics.json" else f" ({rel.name})"
+        where = "" if rel.name == METRICS else f" ({rel.name})"
         for key in sorted(set(ma) | set(mb)):
             if _numbers_differ(ma.get(key), mb.get(key), atol, rtol):
                 results.append(f"metric {key}{where}: {ma.get(key)} -> {mb.get(key)}")

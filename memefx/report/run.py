@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 
 from memefx.errors import UserError, read_json  # noqa: E402
 from memefx.jsonio import dumps  # noqa: E402
+from memefx.run_files import CONFIG, METRICS, MIATE, MIDAS, PREDICTIONS, PROVENANCE, REPORT, staged  # noqa: E402
 from memefx.schema import KINDS  # noqa: E402
 
 
@@ -103,7 +104,7 @@ TABLE_NAME = re.compile(r"^(?P<stage>train|val|test)(?P<ckpt>_ckpt)?_epoch(?P<ep
 def midas_tables(run_dir: Path) -> dict[tuple[str, int, bool], Path]:
     """(stage, epoch, from a checkpoint evaluated after the fit) -> path of every MIDAS table."""
     out = {}
-    for path in (run_dir / "midas").glob("*.parquet"):
+    for path in (run_dir / MIDAS).glob("*.parquet"):
         match = TABLE_NAME.match(path.stem)
         if match is None:
             continue
@@ -218,7 +219,7 @@ def stratum_analysis(run_dir: Path, table_path: Path, miate: dict) -> dict | Non
 
 def _run_confounders(run_dir: Path) -> Path | None:
     """The confounder table a run used, as recorded in its provenance (synthetic default included)."""
-    for name in ("provenance.json", "provenance_test.json", "provenance_validate.json"):
+    for name in (PROVENANCE, staged(PROVENANCE, "test"), staged(PROVENANCE, "validate")):
         path = run_dir / name
         if path.is_file():
             recorded = ((read_json(path).get("data") or {}).get("tables") or {}).get("confounders")
@@ -258,7 +259,7 @@ def miate_table(miates: list[dict]) -> str:
 
 def is_run_directory(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in
-                                 ("config.yaml", "provenance.json", "metrics.json", "predictions", "miate"))
+                                 (CONFIG, PROVENANCE, METRICS, PREDICTIONS, MIATE))
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -271,9 +272,9 @@ def write_report(run_dir: str | Path) -> Path:
     if not is_run_directory(run_dir):
         raise UserError(f"{run_dir} is not a memefx run directory (no config.yaml, provenance.json, metrics.json, "
                         "predictions/ or miate/): give the folder passed as --trainer.default_root_dir")
-    out = run_dir / "report"
+    out = run_dir / REPORT
     out.mkdir(parents=True, exist_ok=True)
-    miates = [read_json(p) for p in sorted((run_dir / "miate").glob("*.json"))]
+    miates = [read_json(p) for p in sorted((run_dir / MIATE).glob("*.json"))]
     plots = []
     try:
         frame = epoch_metrics(run_dir)
@@ -284,13 +285,13 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         note = ""
     plots += [plot_threshold_curve(m, out) for m in miates]
-    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    metrics = read_json(run_dir / METRICS) if (run_dir / METRICS).is_file() else {}
     md = [f"# memefx report: {run_dir}", ""]
     if metrics:
         md += ["| metric | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())] + [""]
     for path in sorted(run_dir.glob("metrics_*.json")):  # `memefx validate|test` run later, beside the fit's
         stage = path.stem.removeprefix("metrics_")
-        record = run_dir / f"provenance_{stage}.json"
+        record = run_dir / staged(PROVENANCE, stage)
         weights = (read_json(record).get("weights") or {}).get("description") if record.is_file() else None
         md += [f"`memefx {stage}`" + (f" on {weights}" if weights else "") + f" ({path.name}):", "",
                "| metric | value |", "|---|---:|"]

@@ -21,6 +21,7 @@ import pandas as pd
 
 from memefx.errors import UserError, read_json
 from memefx.jsonio import dumps
+from memefx.run_files import CONFIG, METRICS, REPORT, miate_file
 from memefx.schema import KINDS
 
 SEED_DIR = re.compile(r"^seed(\d+)$")
@@ -33,7 +34,7 @@ def seed_runs(study_dir: str | Path) -> dict[int, Path]:
     runs = {}
     for path in sorted(study_dir.iterdir()) if study_dir.is_dir() else []:
         match = SEED_DIR.match(path.name)
-        if match and path.is_dir() and (path / "metrics.json").is_file():
+        if match and path.is_dir() and (path / METRICS).is_file():
             runs[int(match.group(1))] = path
     return dict(sorted(runs.items()))
 
@@ -42,7 +43,7 @@ def _test_splits(run: Path) -> list[str]:
     """The test splits of a run, from its saved config (``data.test_split``: one name or a list)."""
     import yaml
 
-    path = run / "config.yaml"
+    path = run / CONFIG
     given = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("test_split") if path.is_file() else None
     return [given] if isinstance(given, str) else list(given or [])
 
@@ -63,12 +64,12 @@ def per_seed_table(runs: dict[int, Path]) -> pd.DataFrame:
     reported them (the test stage of the fit: the checkpoint chosen on the validation split)."""
     rows = []
     for seed, run in runs.items():
-        metrics = read_json(run / "metrics.json")
+        metrics = read_json(run / METRICS)
         tested = _test_splits(run)
         for split in tested:
             row = {"seed": seed, "split": split, "auroc": _metric(metrics, split, "auroc", tested),
                    "acc": _metric(metrics, split, "acc", tested)}
-            path = run / "miate" / f"{split}.json"
+            path = miate_file(run, split)
             miate = read_json(path) if path.is_file() else {}
             for kind in KINDS:
                 row[f"miate_{kind}"] = (miate.get(kind) or {}).get("mean")
@@ -77,7 +78,7 @@ def per_seed_table(runs: dict[int, Path]) -> pd.DataFrame:
 
 
 def _stratum_values(run: Path, split: str, kind: str) -> np.ndarray:
-    path = run / "miate" / f"{split}.json"
+    path = miate_file(run, split)
     if not path.is_file():
         return np.array([])
     strata = (read_json(path).get(kind) or {}).get("strata") or []
@@ -182,7 +183,7 @@ def write_study_report(study_dir: str | Path) -> Path:
 
     study_dir = Path(study_dir)
     summary = summarize_study(study_dir, n_bootstrap=read_json(study_dir / STUDY_FILE).get("n_bootstrap", 2000))
-    out = study_dir / "report"
+    out = study_dir / REPORT
     out.mkdir(parents=True, exist_ok=True)
     labeled = {s: e for s, e in summary["splits"].items() if e["auroc"]["n"]}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
