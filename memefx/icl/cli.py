@@ -26,6 +26,7 @@ from typing import Literal
 import pandas as pd
 
 from memefx.icl.engine import EngineConfig, UserError
+from memefx.typed_cli import dash_to_underscore
 
 
 def _read(path: str) -> pd.DataFrame:
@@ -282,8 +283,7 @@ def _normalize(argv: list[str], types: dict[str, object]) -> list[str]:
         if not token.startswith("--") or token == "--":
             out.append(token)
             continue
-        name, eq, value = token[2:].partition("=")
-        name = name.replace("-", "_")
+        name, eq, value = dash_to_underscore(token)[2:].partition("=")  # the one dash rule of every command
         hint = types.get(name)
         args = set(typing.get_args(hint)) | {hint}
         if not eq and i < len(argv) and not argv[i].startswith("--"):

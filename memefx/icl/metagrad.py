@@ -16,7 +16,10 @@ import re
 
 import torch
 
+from memefx.attribution.masks import block_sums
 from memefx.icl.grammar import PAIR_LINES
+from memefx.schema import IMAGE as IMAGE_SEGMENT
+from memefx.schema import SPECIAL, TEXT
 
 CAPTION, IMAGE, OTHER = 0, 1, 2
 
@@ -58,17 +61,15 @@ def attention_mass(attention: torch.Tensor, labels: torch.Tensor) -> dict[str, t
 
     ``attention``: (H, L, L) rows = queries; ``labels``: (L,) from ``span_labels``. Returns (H,) tensors:
     ``caption_caption`` (caption queries on caption keys), ``image_image``, and ``cross`` (caption queries
-    on image keys and image queries on caption keys, averaged over those queries).
+    on image keys and image queries on caption keys, averaged over those queries). The block sums are MIDAS's
+    own (``memefx.attribution.masks``: meme text as the text segment, description as the image segment).
     """
-    cap, img = (labels == CAPTION).to(attention.dtype), (labels == IMAGE).to(attention.dtype)
-    on_cap = attention @ cap  # (H, L): mass each query puts on caption keys
-    on_img = attention @ img
-
-    def mean_over(queries: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return (values * queries).sum(-1) / queries.sum().clamp_min(1)
-
-    cross = (mean_over(cap, on_img) * cap.sum() + mean_over(img, on_cap) * img.sum()) / (cap.sum() + img.sum()).clamp_min(1)
-    return {"caption_caption": mean_over(cap, on_cap), "image_image": mean_over(img, on_img), "cross": cross}
+    segments = torch.full_like(labels, SPECIAL)
+    segments[labels == CAPTION], segments[labels == IMAGE] = TEXT, IMAGE_SEGMENT
+    sums = block_sums(attention[None], segments[None])[0]  # (H, 4): text, image, cross, special
+    n_cap, n_img = float((labels == CAPTION).sum()), float((labels == IMAGE).sum())
+    return {"caption_caption": sums[:, 0] / max(n_cap, 1.0), "image_image": sums[:, 1] / max(n_img, 1.0),
+            "cross": sums[:, 2] / max(n_cap + n_img, 1.0)}
 
 
 def dual_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, demo_groups: torch.Tensor,
