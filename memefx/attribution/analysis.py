@@ -16,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from memefx.attribution.masks import BLOCKS
+from memefx.stats import bootstrap, percentile_interval
 
 
 def stratum_features(table: pd.DataFrame, members: pd.DataFrame, score: str = "attattr") -> pd.DataFrame:
@@ -38,13 +39,10 @@ def stratum_features(table: pd.DataFrame, members: pd.DataFrame, score: str = "a
 
 
 def _auc_interval(y: np.ndarray, score: np.ndarray, n_bootstrap: int, seed: int) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    aucs = []
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[idx])) == 2:
-            aucs.append(roc_auc_score(y[idx], score[idx]))
-    return (float(np.quantile(aucs, 0.025)), float(np.quantile(aucs, 0.975))) if aucs else (np.nan, np.nan)
+    def auc(idx: np.ndarray) -> float | None:
+        return roc_auc_score(y[idx], score[idx]) if len(np.unique(y[idx])) == 2 else None
+
+    return percentile_interval(bootstrap(auc, len(y), n_bootstrap, seed))
 
 
 def predict_strong_effect(features: pd.DataFrame, miate_rows: pd.DataFrame, threshold: float = 0.5,

@@ -17,6 +17,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from memefx.stats import percentile_interval
+
 DEFAULT_TAUS = tuple(np.round(np.linspace(-1.0, 1.0, 21), 2).tolist())
 
 
@@ -69,10 +71,8 @@ def bootstrap_interval(values: np.ndarray, n_bootstrap: int, seed: int, level: f
     if len(values) == 0 or n_bootstrap <= 0:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(values), size=(n_bootstrap, len(values)))
-    means = values[draws].mean(axis=1)
-    alpha = (1 - level) / 2
-    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+    draws = rng.integers(0, len(values), size=(n_bootstrap, len(values)))  # all resamples at once: a mean is cheap
+    return percentile_interval(values[draws].mean(axis=1), level)
 
 
 def summarize(effects: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> dict:

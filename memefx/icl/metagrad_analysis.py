@@ -31,6 +31,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold
 
+from memefx.stats import percentile_interval
+
 LAYOUT = ("few_shot_num", "layout_prompt_tokens", "layout_pairs")
 OUTCOMES = ("is_functional", "is_formatted", "correct")
 FEATURE_SETS = {"ours": re.compile(r"^L\d+_H\d+_"), "published": re.compile(r"^L\d+_P_")}
@@ -140,8 +142,8 @@ def paired_gain(y: np.ndarray, base: np.ndarray, feat: np.ndarray, groups: np.nd
         gains += (quad(wins_feat) - quad(wins_base)) / np.where(n_pairs > 0, n_pairs, 1) / len(mats)
     gains = gains[ok]
     if len(gains):
-        result.update(ci_low=float(np.quantile(gains, 0.025)), ci_high=float(np.quantile(gains, 0.975)),
-                      p_gain_le_0=float(np.mean(gains <= 0)), bootstrap_valid=int(len(gains)))
+        low, high = percentile_interval(gains)
+        result.update(ci_low=low, ci_high=high, p_gain_le_0=float(np.mean(gains <= 0)), bootstrap_valid=int(len(gains)))
     else:
         result.update(ci_low=float("nan"), ci_high=float("nan"), p_gain_le_0=float("nan"), bootstrap_valid=0)
     return result
@@ -309,8 +311,8 @@ def _interval(gains: np.ndarray) -> dict:
     gains = gains[np.isfinite(gains)]
     if not len(gains):
         return {"ci_low": float("nan"), "ci_high": float("nan"), "p_gain_le_0": float("nan"), "bootstrap_valid": 0}
-    return {"ci_low": float(np.quantile(gains, 0.025)), "ci_high": float(np.quantile(gains, 0.975)),
-            "p_gain_le_0": float(np.mean(gains <= 0)), "bootstrap_valid": int(len(gains))}
+    low, high = percentile_interval(gains)
+    return {"ci_low": low, "ci_high": high, "p_gain_le_0": float(np.mean(gains <= 0)), "bootstrap_valid": int(len(gains))}
 
 
 def _importance(layout, feats, shots, y, c: float, cols: list[str], top: int = 10) -> tuple[dict, dict]:

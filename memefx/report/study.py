@@ -23,6 +23,7 @@ from memefx.errors import UserError, read_json
 from memefx.jsonio import dumps
 from memefx.run_files import CONFIG, METRICS, REPORT, miate_file
 from memefx.schema import KINDS
+from memefx.stats import percentile_interval
 
 SEED_DIR = re.compile(r"^seed(\d+)$")
 STUDY_FILE = "study.json"
@@ -106,8 +107,8 @@ def hierarchical_bootstrap(values: list[np.ndarray], other: list[np.ndarray] | N
 def _interval(point: float | None, replicates: np.ndarray) -> dict:
     if point is None or not len(replicates):
         return {"mean": point, "ci_low": None, "ci_high": None}
-    low, high = np.quantile(replicates, [0.025, 0.975])
-    return {"mean": point, "ci_low": float(low), "ci_high": float(high)}
+    low, high = percentile_interval(replicates)
+    return {"mean": point, "ci_low": low, "ci_high": high}
 
 
 def _mean_std(values: pd.Series) -> dict:
