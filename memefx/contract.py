@@ -10,6 +10,7 @@ only ``MemeClassifier``:
   attributes on a module.
 - ``EvaluationResults`` (for the run directory): the results an evaluation epoch computed (miATE per
   stratum kind of each split), read when the epoch ends.
+- ``SplitData`` (for a module, from its data module): the split names of each role and their label counts.
 - ``EvalStepOutput``: what validation, test and predict steps return (Lightning hands it to every
   callback's ``on_*_batch_end``): meme ids, labels (-1 unlabeled), hateful probabilities, the split.
 """
@@ -69,6 +70,19 @@ class AttentionCapture(Protocol):
 
     def pop_capture(self) -> TrainCapture | EvalCapture | None:
         """What the last step kept (then forgotten)."""
+
+
+@runtime_checkable
+class SplitData(Protocol):
+    """A data module that names its splits (``MemeDataModule`` does): a module keys its metrics by split
+    (``val/auroc`` for a role's only split, ``test/<split>/auroc`` for several) and checks, before training,
+    that the validation split can give the metric a checkpoint monitors."""
+
+    def eval_splits(self, role: str) -> list[str]:
+        """The split names of a role (``train``, ``val``, ``test``, ``predict``), in loader order."""
+
+    def label_counts(self, split: str) -> tuple[int, int, int] | None:
+        """(hateful, benign, all) memes of a loaded split; None when it is not loaded."""
 
 
 @runtime_checkable

@@ -288,6 +288,13 @@ class MemeDataModule(L.LightningDataModule):
             raise HMCFormatError(f"data.{role}_split {split!r}: {path} not found (splits in {self.root}: "
                                  f"{present or 'none'})")
 
+    def label_counts(self, split: str) -> tuple[int, int, int] | None:
+        """(hateful, benign, all) memes of a loaded split (``memefx.contract.SplitData``); None if not loaded."""
+        frame = self.frames.get(split)
+        if frame is None:
+            return None
+        return int((frame.label == 1).sum()), int((frame.label == 0).sum()), int(len(frame))
+
     @property
     def heldout_split(self) -> str:
         """Name of the validation split carved from the training split (``val_from_train``)."""

@@ -25,7 +25,7 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from memefx.causal.miate_metric import MiATE
-from memefx.contract import EvalCapture, EvalStepOutput, TrainCapture
+from memefx.contract import EvalCapture, EvalStepOutput, SplitData, TrainCapture
 from memefx.errors import UserError
 from memefx.lightning_internals import attached_trainer, restore_loader_position
 from memefx.models.backbones import BACKBONES, BackboneOutput, build_backbone
@@ -152,15 +152,14 @@ class MemeClassifier(L.LightningModule):
         An unlabeled split logs no ``val/*`` metric and a one-class split no AUROC/accuracy; Lightning would
         only fail after epoch 0 ("could not find the monitored key"), with the run folder half written.
         """
-        dm = getattr(self.trainer, "datamodule", None)
-        frames = getattr(dm, "frames", None) or {}
-        if not hasattr(dm, "eval_splits") or not self.trainer.limit_val_batches:
+        dm = self._split_data()
+        if dm is None or not self.trainer.limit_val_batches:
             return
         split = dm.eval_splits("val")[0]
-        if split not in frames:
+        counts = dm.label_counts(split)
+        if counts is None:
             return
-        labels = frames[split].label
-        positives, negatives = int((labels == 1).sum()), int((labels == 0).sum())
+        positives, negatives, total = counts
         if positives and negatives:
             return
         for callback in self.trainer.callbacks:
@@ -168,7 +167,7 @@ class MemeClassifier(L.LightningModule):
             if not isinstance(monitor, str) or not monitor.startswith("val/"):
                 continue
             if positives + negatives == 0:
-                why = f"has no labels ({len(labels)} memes): it logs no val/ metric"
+                why = f"has no labels ({total} memes): it logs no val/ metric"
             elif monitor.split("/")[-1] in ("auroc", "acc"):
                 why = f"has one class only ({positives} hateful, {negatives} benign): it logs no AUROC or accuracy"
             else:
@@ -202,6 +201,11 @@ class MemeClassifier(L.LightningModule):
                 return prefix.rstrip("/_") + "_ckpt" + prefix[-1] + name[len(prefix):]
         return None
 
+    def _split_data(self) -> SplitData | None:
+        """The trainer's data module when it names its splits (``memefx.contract.SplitData``), else None."""
+        dm = getattr(self.trainer, "datamodule", None) if attached_trainer(self) is not None else None
+        return dm if isinstance(dm, SplitData) else None
+
     def forward(self, batch: dict, output_attentions: bool = False) -> BackboneOutput:
         return self.backbone(batch, output_attentions=output_attentions)
 
@@ -209,8 +213,8 @@ class MemeClassifier(L.LightningModule):
         """The split a batch comes from: its own ``split`` key, else the data module's split of the stage."""
         if "split" in batch:
             return str(batch["split"])
-        dm = getattr(self.trainer, "datamodule", None)
-        return dm.split_names[stage] if dm is not None and hasattr(dm, "split_names") else stage
+        dm = self._split_data()
+        return dm.eval_splits(stage)[0] if dm is not None else stage
 
     def _evaluator(self, stage: str, split: str) -> nn.ModuleDict:
         key = f"{stage}__{split}"
@@ -274,8 +278,8 @@ class MemeClassifier(L.LightningModule):
 
     def _key(self, stage: str, split: str, name: str) -> str:
         """``val/auroc`` for a stage's only split; ``test/<split>/auroc`` when a stage has several."""
-        dm = getattr(self.trainer, "datamodule", None)
-        splits = dm.eval_splits(stage) if hasattr(dm, "eval_splits") else self._stage_splits.get(stage, [])
+        dm = self._split_data()
+        splits = dm.eval_splits(stage) if dm is not None else self._stage_splits.get(stage, [])
         return f"{stage}/{name}" if len(splits) <= 1 else f"{stage}/{split}/{name}"
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> EvalStepOutput:
